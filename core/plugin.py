@@ -103,6 +103,7 @@ class InitContext:
     meta: PluginMeta
     _lookup: Callable[[str, str | None], Any]
     _lookup_all: Callable[[str], dict[str, Any]]
+    _records: Callable[[], list[Any]]
 
     def get(self, type: str, id: str | None = None) -> Any:
         """The instance of plugin `type.id` (or the only/first one of `type`); NotFound if absent."""
@@ -111,6 +112,10 @@ class InitContext:
     def get_all(self, type: str) -> dict[str, Any]:
         """Every initialised instance of `type`, by id."""
         return self._lookup_all(str(type))
+
+    def plugins(self) -> list[Any]:
+        """The init graph's records (registration, status, error, meta) so far, in init order."""
+        return self._records()
 
 
 class Registry:

@@ -1,0 +1,107 @@
+"""`pycontainerd`: run the daemon, or `pycontainerd config default|dump|check`.
+
+Flags as containerd's: --config/-c, --root, --state, --address/-a, --log-level/-l.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import structlog
+
+from pycontainerd import config as configmod
+from pycontainerd.core import log as logmod
+from pycontainerd.core.daemon import Daemon
+from pycontainerd.core.initgraph import RequiredPluginError, collect
+from pycontainerd.core.version import REVISION, VERSION
+from pycontainerd.plugins import BUILTIN_MODULES
+
+DEFAULT_CONFIG = "/etc/pycontainerd/config.toml"
+
+log = structlog.get_logger("pycontainerd")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="pycontainerd", description="A containerd-compatible container daemon.")
+    ap.add_argument("--config", "-c", help=f"path to the configuration file (default {DEFAULT_CONFIG})")
+    ap.add_argument("--root", help="where persistent data lives")
+    ap.add_argument("--state", help="where runtime state lives")
+    ap.add_argument("--address", "-a", help="the gRPC socket path")
+    ap.add_argument("--log-level", "-l", help="trace, debug, info, warn, error, fatal or panic")
+    ap.add_argument("--version", "-v", action="store_true", help="print the version and exit")
+    sub = ap.add_subparsers(dest="command")
+    cfg = sub.add_parser("config", help="information on the daemon's configuration")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    cfg_sub.add_parser("default", help="print a complete default config")
+    cfg_sub.add_parser("dump", help="print the effective merged config")
+    cfg_sub.add_parser("check", help="report unknown keys and wrong types; exit 1 when there are any")
+    return ap.parse_args(argv)
+
+
+def load(args: argparse.Namespace) -> tuple[configmod.LoadResult, list]:
+    """The loaded config with the flags applied, and every registration it may configure."""
+    result = configmod.load(args.config or DEFAULT_CONFIG, explicit=args.config is not None)
+    configmod.apply_overrides(result.config, root=args.root, state=args.state, address=args.address,
+                              log_level=args.log_level)
+    registrations = collect(BUILTIN_MODULES, result.config.plugin_modules).all()
+    return result, registrations
+
+
+def config_command(args: argparse.Namespace) -> int:
+    if args.config_command == "default":
+        sys.stdout.write(configmod.default_toml(collect(BUILTIN_MODULES).all()))
+        return 0
+    result, registrations = load(args)
+    if args.config_command == "dump":
+        sys.stdout.write(configmod.dump_toml(result.config, registrations))
+        return 0
+    warnings = configmod.check(result, registrations)
+    for w in warnings:
+        sys.stderr.write(f"{w}\n")
+    if warnings:
+        sys.stderr.write(f"{len(warnings)} problem(s) found\n")
+        return 1
+    sys.stdout.write("config ok\n")
+    return 0
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    result, registrations = load(args)
+    cfg = result.config
+    logmod.configure(cfg.debug.level, cfg.debug.format)
+    for w in configmod.check(result, registrations):
+        log.warning("config problem", file=str(w.file or ""), table=w.table, key=w.key, problem=w.message)
+    daemon = Daemon(cfg, registrations, lambda reg: configmod.plugin_config(cfg, reg))
+    try:
+        uvloop = __import__("uvloop")
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        asyncio.run(daemon.run())
+    except RequiredPluginError as e:
+        log.error("cannot start", error=str(e))
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.version:
+        sys.stdout.write(f"pycontainerd {VERSION} {REVISION}\n".replace(" \n", "\n"))
+        sys.exit(0)
+    try:
+        if args.command == "config":
+            sys.exit(config_command(args))
+        sys.exit(run_daemon(args))
+    except configmod.ConfigError as e:
+        sys.stderr.write(f"pycontainerd: {e}\n")
+        sys.exit(1)
+    except ValueError as e:
+        sys.stderr.write(f"pycontainerd: {e}\n")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
