@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/python -m pycontainerd.cmd.demo
+	$(VENV)/bin/python -P -m pycontainerd.cmd.demo
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
