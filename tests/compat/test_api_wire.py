@@ -46,6 +46,13 @@ GO_FILES = [
     "api/services/ttrpc/events/v1/events.proto",
     "api/services/version/v1/version.proto",
     "runtime/v2/task/shim.proto",
+    "api/services/containers/v1/containers.proto",
+    "api/services/content/v1/content.proto",
+    "api/services/diff/v1/diff.proto",
+    "api/services/images/v1/images.proto",
+    "api/services/snapshots/v1/snapshots.proto",
+    "api/services/tasks/v1/tasks.proto",
+    "runtime/v1/shim/v1/shim.proto",
 ]
 
 # Packages in their set that are only there as imports and carry no wire facts of their own.

@@ -25,15 +25,6 @@ class Mount(betterproto.Message):
 
 
 @dataclass(eq=False, repr=False)
-class Platform(betterproto.Message):
-    """os, architecture and variant as in the OCI image index."""
-
-    os: str = betterproto.string_field(1)
-    architecture: str = betterproto.string_field(2)
-    variant: str = betterproto.string_field(3)
-
-
-@dataclass(eq=False, repr=False)
 class Descriptor(betterproto.Message):
     """digest is the "algorithm:hex" string; field 4 is not used."""
 
@@ -43,6 +34,15 @@ class Descriptor(betterproto.Message):
     annotations: Dict[str, str] = betterproto.map_field(
         5, betterproto.TYPE_STRING, betterproto.TYPE_STRING
     )
+
+
+@dataclass(eq=False, repr=False)
+class Platform(betterproto.Message):
+    """os, architecture and variant as in the OCI image index."""
+
+    os: str = betterproto.string_field(1)
+    architecture: str = betterproto.string_field(2)
+    variant: str = betterproto.string_field(3)
 
 
 @dataclass(eq=False, repr=False)
