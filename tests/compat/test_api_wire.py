@@ -53,6 +53,8 @@ GO_FILES = [
     "api/services/snapshots/v1/snapshots.proto",
     "api/services/tasks/v1/tasks.proto",
     "runtime/v1/shim/v1/shim.proto",
+    "runtime/v2/runc/options/oci.proto",
+    "runtime/linux/runctypes/runc.proto",
 ]
 
 # Packages in their set that are only there as imports and carry no wire facts of their own.
