@@ -17,9 +17,13 @@ def dump_toml(config: Config, registrations: Iterable[Any]) -> str:
     """`config` as a complete version 2 config.toml: every top-level key, and under
     [plugins."type.id"] each registered plugin's effective config (its table over its defaults;
     unknown keys dropped). Tables naming no registered plugin are kept as written.
+
+    The text is self-contained: what the imported files set is merged in, so it says
+    `imports = []` (config.imports, and LoadResult.files, still tell which files were read).
     """
     doc = encode(config)
     doc["version"] = CONFIG_VERSION
+    doc["imports"] = []
     plugins: dict[str, Any] = {}
     regs = {r.uri: r for r in registrations}
     for uri, table in config.plugins.items():

@@ -22,6 +22,7 @@ import difflib
 import enum
 import functools
 import json
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -60,8 +61,14 @@ def field_types(cls: type) -> dict[str, Any]:
     """Resolved annotations by field name; an annotation that cannot be resolved reads as Any."""
     try:
         hints = typing.get_type_hints(cls)
-    except Exception:  # a forward reference the class's module cannot resolve
+    except Exception:  # some forward reference cannot be resolved: resolve field by field
         hints = {}
+        namespace = vars(sys.modules.get(cls.__module__, typing))
+        for f in dataclasses.fields(cls):
+            try:
+                hints[f.name] = eval(f.type, dict(namespace), dict(vars(cls))) if isinstance(f.type, str) else f.type
+            except Exception:
+                pass
     out = {}
     for f in dataclasses.fields(cls):
         tp = hints.get(f.name, f.type)
