@@ -34,18 +34,24 @@ class NamespacesAPI(ServiceAPI):
 
     async def update(self, name: str, labels: Mapping[str, str], *, replace: bool = False,
                      timeout: Any = DEFAULT) -> Namespace:
-        """Set labels on namespace `name`.
+        """Set labels on namespace `name` and return it as it now is.
 
         By default only the given keys change and an empty value removes its label (what
         `ctr namespaces label` does); with replace=True the labels become exactly `labels`."""
         labels = dict(labels)
-        paths = ["labels"] if replace else [f"labels.{key}" for key in labels]
-        if not paths:
+        if replace:
+            mask = None  # containerd: no mask means "replace every label"
+        elif labels:
+            mask = FieldMask(paths=[f"labels.{key}" for key in labels])
+        else:
             return await self.get(name, timeout=timeout)
         req = api.UpdateNamespaceRequest(namespace=api.Namespace(name=name, labels=labels),
-                                         update_mask=FieldMask(paths=paths))
+                                         update_mask=mask)
         resp = await self._unary("update", req, timeout=timeout)
-        return Namespace.from_proto(resp.namespace)
+        if resp.namespace is not None and resp.namespace.name:
+            return Namespace.from_proto(resp.namespace)
+        # containerd 1.6 answers Update with an empty response: read the result back.
+        return await self.get(name, timeout=timeout)
 
     async def set_label(self, name: str, key: str, value: str, *, timeout: Any = DEFAULT) -> Namespace:
         """Set one label; an empty value removes it."""
