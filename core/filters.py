@@ -22,7 +22,8 @@ Syntax (containerd 1.6 filters/, whose behaviour this mirrors, quirks included):
 - `/` and `|` start a quoted literal wherever they appear unquoted at the start of a token, so
   `topic==/tasks/exit` is a parse error (write `topic=="/tasks/exit"`), and inside `/.../` the only
   escapes are Go's (`\\/`, `\\n`, ...): a regexp `\\d` needs `"\\\\d"`.
-- Whitespace is allowed before an operator and a value, not after a value (containerd's scanner).
+- Whitespace may precede a field, an operator or a value; anywhere else (after a value, or
+  between a bare field and ",") it is a parse error, as with containerd's scanner.
 - An empty filter string, or no strings at all, matches everything.
 
 Differences from containerd, on purpose:
