@@ -26,8 +26,10 @@ from .context import bind_namespace, namespace_from_metadata, reset_namespace
 log = structlog.get_logger(__name__)
 
 
-async def _unimplemented(stream: Any) -> None:
-    raise GRPCError(Status.UNIMPLEMENTED, f"unknown method {stream.method_name}")
+def _unimplemented(path: str) -> Handler:
+    async def answer(stream: Any) -> None:
+        raise GRPCError(Status.UNIMPLEMENTED, f"unknown method {path}")
+    return Handler(answer, Cardinality.UNARY_UNARY, None, None)
 
 
 class _Mapping(dict):
@@ -35,9 +37,7 @@ class _Mapping(dict):
 
     def get(self, key: str, default: Any = None) -> Any:
         found = super().get(key)
-        if found is None:
-            return Handler(_unimplemented, Cardinality.UNARY_UNARY, None, None)
-        return found
+        return _unimplemented(key) if found is None else found
 
 
 def _wrap(method_func: Any, namespace: str | None) -> Any:

@@ -56,7 +56,9 @@ def collect(builtin_modules: Iterable[str], extra_modules: Iterable[str] = (),
     if entry_points:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     registry = Registry()
-    pm.hook.pycontainerd_register(registry=registry)
+    # pluggy calls hooks last-registered first; plugins register in the order they were loaded
+    for impl in pm.hook.pycontainerd_register.get_hookimpls():
+        impl.function(registry=registry)
     return registry
 
 
