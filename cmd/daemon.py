@@ -11,6 +11,7 @@ import sys
 import structlog
 
 from pycontainerd import config as configmod
+from pycontainerd.core import errdefs
 from pycontainerd.core import log as logmod
 from pycontainerd.core.daemon import Daemon
 from pycontainerd.core.initgraph import RequiredPluginError, collect
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     except configmod.ConfigError as e:
         sys.stderr.write(f"pycontainerd: {e}\n")
         sys.exit(1)
-    except ValueError as e:
+    except (ValueError, errdefs.ContainerdError) as e:
         sys.stderr.write(f"pycontainerd: {e}\n")
         sys.exit(1)
 

@@ -43,21 +43,93 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (namespace, lease, type, id),
         FOREIGN KEY (namespace, lease) REFERENCES leases(namespace, id) ON DELETE CASCADE
     );
+    CREATE TABLE blobs (
+        namespace TEXT NOT NULL REFERENCES namespaces(name),
+        digest TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        labels TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (namespace, digest)
+    );
+    CREATE INDEX blobs_by_digest ON blobs(digest);
+    CREATE TABLE ingests (
+        namespace TEXT NOT NULL REFERENCES namespaces(name),
+        ref TEXT NOT NULL,
+        expected TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (namespace, ref)
+    );
+    CREATE TABLE images (
+        namespace TEXT NOT NULL REFERENCES namespaces(name),
+        name TEXT NOT NULL,
+        media_type TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        annotations TEXT NOT NULL DEFAULT '{}',
+        labels TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (namespace, name)
+    );
+    CREATE TABLE containers (
+        namespace TEXT NOT NULL REFERENCES namespaces(name),
+        id TEXT NOT NULL,
+        labels TEXT NOT NULL DEFAULT '{}',
+        image TEXT NOT NULL DEFAULT '',
+        runtime_name TEXT NOT NULL,
+        runtime_options BLOB,
+        spec BLOB,
+        snapshotter TEXT NOT NULL DEFAULT '',
+        snapshot_key TEXT NOT NULL DEFAULT '',
+        sandbox_id TEXT NOT NULL DEFAULT '',
+        extensions BLOB,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (namespace, id)
+    );
+    CREATE TABLE snapshots (
+        namespace TEXT NOT NULL REFERENCES namespaces(name),
+        snapshotter TEXT NOT NULL,
+        key TEXT NOT NULL,
+        backend_key TEXT NOT NULL,
+        parent TEXT NOT NULL DEFAULT '',
+        kind INTEGER NOT NULL,
+        labels TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (namespace, snapshotter, key)
+    );
+    CREATE UNIQUE INDEX snapshots_by_backend_key ON snapshots(snapshotter, backend_key);
     """,
 ]
+"""Schema steps, applied in order; the database's user_version counts the steps applied. A
+released step is never edited: a change is a new step appended here."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
 @dataclass(frozen=True)
 class NamespaceHolder:
-    """A table with a `namespace` column whose rows keep a namespace from being deleted."""
+    """A table with a `namespace` column whose rows keep a namespace from being deleted.
+
+    With `per`, one entry per distinct value of that column, `what` formatted with it."""
 
     what: str
     table: str
+    per: str = ""
 
 
-NAMESPACE_HOLDERS: list[NamespaceHolder] = [NamespaceHolder("leases", "leases")]
+OWNED_BY_NAMESPACE = ("lease_resources", "leases", "ingests")
+"""Tables whose rows are removed together with their namespace."""
+
+
+NAMESPACE_HOLDERS: list[NamespaceHolder] = [
+    NamespaceHolder("images", "images"),
+    NamespaceHolder("blobs", "blobs"),
+    NamespaceHolder("containers", "containers"),
+    NamespaceHolder('snapshots on "{}" snapshotter', "snapshots", per="snapshotter"),
+]
+"""As containerd: leases and ingests do not keep a namespace alive; they go with it."""
 
 
 def now() -> datetime:
@@ -140,6 +212,10 @@ class MetadataDB:
         """What still lives in `namespace` (e.g. ["images", "leases"]), in holder order."""
         held = []
         for holder in NAMESPACE_HOLDERS:
-            if cur.execute(f"SELECT 1 FROM {holder.table} WHERE namespace = ? LIMIT 1", (namespace,)).fetchone():
+            if holder.per:
+                rows = cur.execute(f"SELECT DISTINCT {holder.per} FROM {holder.table} WHERE namespace = ? "
+                                   f"ORDER BY {holder.per}", (namespace,)).fetchall()
+                held += [holder.what.format(row[0]) for row in rows]
+            elif cur.execute(f"SELECT 1 FROM {holder.table} WHERE namespace = ? LIMIT 1", (namespace,)).fetchone():
                 held.append(holder.what)
         return held

@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import secrets
+import time
+
 from pycontainerd.core import digest, errdefs, filters, identifiers
+from pycontainerd.core.identifiers import go_quote
 
 from .db import MetadataDB, dump_labels, load_labels, now, parse_ts, ts
 
@@ -58,25 +62,33 @@ def expiry(lease: Lease) -> datetime | None:
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
+def random_id() -> str:
+    """containerd's random lease id shape ("<nanoseconds>-<random>"), kept a valid identifier."""
+    return f"{time.time_ns() % 1_000_000_000}-{secrets.token_hex(3)}"
+
+
 class LeaseStore:
     def __init__(self, db: MetadataDB):
         self.db = db
 
     def create(self, namespace: str, lease_id: str, labels: dict[str, str] | None = None) -> Lease:
+        """Create a lease; an empty id gets a random one as containerd's service gives."""
+        lease_id = lease_id or random_id()
         identifiers.validate(lease_id)
-        identifiers.validate_labels(labels or {})
+        labels = {k: v for k, v in (labels or {}).items() if v}
+        identifiers.validate_labels(labels)
         with self.db.write() as cur:
             self.db.ensure_namespace(cur, namespace)
             if cur.execute("SELECT 1 FROM leases WHERE namespace = ? AND id = ?", (namespace, lease_id)).fetchone():
-                raise errdefs.AlreadyExists(f"lease {lease_id!r}")
+                raise errdefs.AlreadyExists(f"lease {go_quote(lease_id)}")
             cur.execute("INSERT INTO leases(namespace, id, labels, created_at) VALUES (?, ?, ?, ?)",
                         (namespace, lease_id, dump_labels(labels), ts(now())))
-        return Lease(lease_id, dict(labels or {}), self._get(namespace, lease_id).created_at)
+        return self._get(namespace, lease_id)
 
     def _get(self, namespace: str, lease_id: str) -> Lease:
         rows = self.db.read("SELECT * FROM leases WHERE namespace = ? AND id = ?", (namespace, lease_id))
         if not rows:
-            raise errdefs.NotFound(f"lease {lease_id!r}")
+            raise errdefs.NotFound(f"lease {go_quote(lease_id)}")
         r = rows[0]
         return Lease(r["id"], load_labels(r["labels"]), parse_ts(r["created_at"]))
 
@@ -89,7 +101,7 @@ class LeaseStore:
     def delete(self, namespace: str, lease_id: str) -> None:
         with self.db.write() as cur:
             if cur.execute("DELETE FROM leases WHERE namespace = ? AND id = ?", (namespace, lease_id)).rowcount == 0:
-                raise errdefs.NotFound(f"lease {lease_id!r}")
+                raise errdefs.NotFound(f"lease {go_quote(lease_id)}")
 
     def add_resource(self, namespace: str, lease_id: str, resource: Resource) -> None:
         check_resource(resource)

@@ -5,8 +5,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from pycontainerd.core import errdefs, identifiers
+from pycontainerd.core.identifiers import go_quote
 
-from .db import MetadataDB, dump_labels, load_labels, now, parse_ts, ts
+from .db import OWNED_BY_NAMESPACE, MetadataDB, dump_labels, load_labels, now, parse_ts, ts
 
 
 @dataclass
@@ -27,11 +28,12 @@ class NamespaceStore:
 
     def create(self, name: str, labels: dict[str, str] | None = None) -> Namespace:
         identifiers.validate(name)
-        identifiers.validate_labels(labels or {})
+        labels = {k: v for k, v in (labels or {}).items() if v}
+        identifiers.validate_labels(labels)
         stamp = ts(now())
         with self.db.write() as cur:
             if cur.execute("SELECT 1 FROM namespaces WHERE name = ?", (name,)).fetchone():
-                raise errdefs.AlreadyExists(f"namespace {name!r}")
+                raise errdefs.AlreadyExists(f"namespace {go_quote(name)}")
             cur.execute("INSERT INTO namespaces(name, labels, created_at, updated_at) VALUES (?, ?, ?, ?)",
                         (name, dump_labels(labels), stamp, stamp))
         return self.get(name)
@@ -39,7 +41,7 @@ class NamespaceStore:
     def get(self, name: str) -> Namespace:
         rows = self.db.read("SELECT * FROM namespaces WHERE name = ?", (name,))
         if not rows:
-            raise errdefs.NotFound(f"namespace {name!r}")
+            raise errdefs.NotFound(f"namespace {go_quote(name)}")
         return _row(rows[0])
 
     def list(self) -> list[Namespace]:
@@ -50,7 +52,7 @@ class NamespaceStore:
         with self.db.write() as cur:
             row = cur.execute("SELECT labels FROM namespaces WHERE name = ?", (name,)).fetchone()
             if row is None:
-                raise errdefs.NotFound(f"namespace {name!r}")
+                raise errdefs.NotFound(f"namespace {go_quote(name)}")
             current = load_labels(row["labels"])
             if not paths:
                 current = dict(labels)
@@ -64,7 +66,7 @@ class NamespaceStore:
                     else:
                         current.pop(key, None)
                 else:
-                    raise errdefs.InvalidArgument(f"cannot update {path!r} field on namespace {name!r}")
+                    raise errdefs.InvalidArgument(f"cannot update {go_quote(path)} field on namespace {go_quote(name)}")
             current = {k: v for k, v in current.items() if v}
             identifiers.validate_labels(current)
             cur.execute("UPDATE namespaces SET labels = ?, updated_at = ? WHERE name = ?",
@@ -74,9 +76,11 @@ class NamespaceStore:
     def delete(self, name: str) -> None:
         with self.db.write() as cur:
             if not cur.execute("SELECT 1 FROM namespaces WHERE name = ?", (name,)).fetchone():
-                raise errdefs.NotFound(f"namespace {name!r}")
+                raise errdefs.NotFound(f"namespace {go_quote(name)}")
             held = self.db.namespace_contents(cur, name)
             if held:
                 raise errdefs.FailedPrecondition(
-                    f"namespace {name!r} must be empty, but it still has {', '.join(held)}")
+                    f"namespace {go_quote(name)} must be empty, but it still has {', '.join(held)}")
+            for table in OWNED_BY_NAMESPACE:
+                cur.execute(f"DELETE FROM {table} WHERE namespace = ?", (name,))
             cur.execute("DELETE FROM namespaces WHERE name = ?", (name,))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pycontainerd.api.gen.containerd import events as ev
 from pycontainerd.api.gen.containerd.services.namespaces import v1 as api
+from pycontainerd.core.context import namespace
 from pycontainerd.core.plugin import InitContext, PluginType, Registration, hookimpl
 from pycontainerd.plugins.metadata.namespaces import Namespace, NamespaceStore
 
@@ -26,13 +27,13 @@ class NamespacesService(api.NamespacesBase):
 
     async def create(self, request: api.CreateNamespaceRequest) -> api.CreateNamespaceResponse:
         ns = self.store.create(request.namespace.name, request.namespace.labels)
-        self.events.publish(ns.name, "/namespaces/create", ev.NamespaceCreate(name=ns.name, labels=ns.labels))
+        self.events.publish(namespace(), "/namespaces/create", ev.NamespaceCreate(name=ns.name, labels=ns.labels))
         return api.CreateNamespaceResponse(namespace=_pb(ns))
 
     async def update(self, request: api.UpdateNamespaceRequest) -> api.UpdateNamespaceResponse:
         paths = list(request.update_mask.paths) if request.update_mask else []
         ns = self.store.update(request.namespace.name, request.namespace.labels, paths)
-        self.events.publish(ns.name, "/namespaces/update", ev.NamespaceUpdate(name=ns.name, labels=ns.labels))
+        self.events.publish(namespace(), "/namespaces/update", ev.NamespaceUpdate(name=ns.name, labels=ns.labels))
         return api.UpdateNamespaceResponse(namespace=_pb(ns))
 
     async def delete(self, request: api.DeleteNamespaceRequest) -> Empty:
