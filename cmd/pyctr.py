@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -237,6 +238,12 @@ def _command(sub, name: str, func: Callable, help: str, aliases: tuple = ()) -> 
     return p
 
 
+COMMAND_MODULES: tuple[str, ...] = ()
+"""Modules adding command groups: each has `register(sub)`, building its parsers with
+`_group`/`_command`/`_add_format` from this module and setting `func` to an async
+`(client, args)` command."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="pycontainerd CLI: a ctr-like client for "
                      "pycontainerd and containerd-compatible daemons")
@@ -293,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "json"), default="text",
                    help="text (ctr's layout) or json (one object per line)")
     p.add_argument("filters", nargs="*", help='filters, e.g. topic~="/namespaces/"')
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
