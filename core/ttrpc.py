@@ -126,25 +126,53 @@ def _fields(data: bytes):
 
 
 def _len_field(tag: int, value: bytes) -> bytes:
-    return bytes((tag,)) + _varint(len(value)) + value
+    n = len(value)
+    if n < 0x80:
+        return bytes((tag, n)) + value
+    return bytes((tag,)) + _varint(n) + value
+
+
+# Encoded (service, method) and metadata fields, reused across calls: both repeat endlessly.
+_prefix_cache: dict[tuple[str, str], bytes] = {}
+_metadata_cache: dict[tuple[tuple[str, str], ...], bytes] = {}
+_CACHE_MAX = 512
+
+
+def _encode_metadata(metadata: tuple[tuple[str, str], ...]) -> bytes:
+    encoded = _metadata_cache.get(metadata)
+    if encoded is None:
+        parts = []
+        for key, value in metadata:
+            kv = b""
+            if key:
+                kv = _len_field(0x0A, key.encode())
+            if value:
+                kv += _len_field(0x12, value.encode())
+            parts.append(_len_field(0x2A, kv))
+        encoded = b"".join(parts)
+        if len(_metadata_cache) >= _CACHE_MAX:
+            _metadata_cache.clear()
+        _metadata_cache[metadata] = encoded
+    return encoded
 
 
 def encode_request(service: str, method: str, payload: bytes = b"", timeout_nano: int = 0,
                    metadata: Iterable[tuple[str, str]] = ()) -> bytes:
     """The Request envelope: service=1, method=2, payload=3, timeout_nano=4 (int64), metadata=5."""
-    parts = [_len_field(0x0A, service.encode()), _len_field(0x12, method.encode())]
+    prefix = _prefix_cache.get((service, method))
+    if prefix is None:
+        prefix = _len_field(0x0A, service.encode()) + _len_field(0x12, method.encode())
+        if len(_prefix_cache) >= _CACHE_MAX:
+            _prefix_cache.clear()
+        _prefix_cache[(service, method)] = prefix
+    body = prefix
     if payload:
-        parts.append(_len_field(0x1A, payload))
+        body += _len_field(0x1A, payload)
     if timeout_nano:
-        parts.append(b"\x20" + _varint(timeout_nano & _MASK64))
-    for key, value in metadata:
-        kv = b""
-        if key:
-            kv = _len_field(0x0A, key.encode())
-        if value:
-            kv += _len_field(0x12, value.encode())
-        parts.append(_len_field(0x2A, kv))
-    return b"".join(parts)
+        body += b"\x20" + _varint(timeout_nano & _MASK64)
+    if metadata:
+        body += _encode_metadata(tuple((k, v) for k, v in metadata))
+    return body
 
 
 def decode_request(data: bytes) -> tuple[str, str, bytes, int, list[tuple[str, str]]]:
@@ -153,31 +181,65 @@ def decode_request(data: bytes) -> tuple[str, str, bytes, int, list[tuple[str, s
     payload = b""
     timeout_nano = 0
     metadata: list[tuple[str, str]] = []
+    pos = 0
+    n = len(data)
     try:
-        for num, wire, value in _fields(data):
-            if num == 1 and wire == 2:
-                service = value.decode()
-            elif num == 2 and wire == 2:
-                method = value.decode()
-            elif num == 3 and wire == 2:
-                payload = value
-            elif num == 4 and wire == 0:
+        while pos < n:
+            key = data[pos]
+            if key < 0x80:
+                pos += 1
+            else:
+                key, pos = _read_varint(data, pos)
+            if key & 7 == 2:
+                length = data[pos] if pos < n else 0x80
+                if length < 0x80:
+                    pos += 1
+                else:
+                    length, pos = _read_varint(data, pos)
+                end = pos + length
+                if end > n:
+                    raise MalformedMessage("truncated length-delimited field")
+                if key == 0x0A:
+                    service = data[pos:end].decode()
+                elif key == 0x12:
+                    method = data[pos:end].decode()
+                elif key == 0x1A:
+                    payload = data[pos:end]
+                elif key == 0x2A:
+                    k = v = ""
+                    for knum, kwire, kvalue in _fields(data[pos:end]):
+                        if knum == 1 and kwire == 2:
+                            k = kvalue.decode()
+                        elif knum == 2 and kwire == 2:
+                            v = kvalue.decode()
+                    metadata.append((k, v))
+                elif key >> 3 <= 5:
+                    raise MalformedMessage(f"field {key >> 3} has wire type 2")
+                pos = end
+            elif key == 0x20:
+                value, pos = _read_varint(data, pos)
                 timeout_nano = value & _MASK64
                 if timeout_nano >= 1 << 63:
                     timeout_nano -= 1 << 64
-            elif num == 5 and wire == 2:
-                key = val = ""
-                for knum, kwire, kvalue in _fields(value):
-                    if knum == 1 and kwire == 2:
-                        key = kvalue.decode()
-                    elif knum == 2 and kwire == 2:
-                        val = kvalue.decode()
-                metadata.append((key, val))
-            elif num <= 5:
-                raise MalformedMessage(f"field {num} has wire type {wire}")
+            elif key >> 3 <= 5:
+                raise MalformedMessage(f"field {key >> 3} has wire type {key & 7}")
+            else:  # a field this version does not know: skip it
+                pos = _skip_field(data, pos, key & 7)
     except UnicodeDecodeError as err:
         raise MalformedMessage(f"invalid utf-8: {err}") from None
     return service, method, payload, timeout_nano, metadata
+
+
+def _skip_field(data: bytes, pos: int, wire: int) -> int:
+    if wire == 0:
+        return _read_varint(data, pos)[1]
+    if wire == 1 or wire == 5:
+        pos += 8 if wire == 1 else 4
+    else:
+        raise MalformedMessage(f"unsupported wire type {wire}")
+    if pos > len(data):
+        raise MalformedMessage("truncated fixed field")
+    return pos
 
 
 _OK_STATUS_FIELD = b"\x0a\x00"
@@ -201,6 +263,13 @@ def encode_response(code: int, message: str = "", payload: bytes = b"") -> bytes
 
 def decode_response(data: bytes) -> tuple[int, str, bytes]:
     """(status code, status message, payload) of a Response envelope; status details are ignored."""
+    # Fast path for what every OK answer from us and from Go looks like: empty status, payload.
+    if data[:2] == _OK_STATUS_FIELD:
+        n = len(data)
+        if n == 2:
+            return 0, "", b""
+        if data[2] == 0x12 and n > 3 and data[3] < 0x80 and n == 4 + data[3]:
+            return 0, "", data[4:]
     code = 0
     message = ""
     payload = b""
@@ -251,6 +320,8 @@ class _Channel(asyncio.Protocol):
         self._skip = 0
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future] = []
+        self._outgoing: list[bytes] | None = None
+        self._loop = asyncio.get_running_loop()
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -319,9 +390,21 @@ class _Channel(asyncio.Protocol):
             await fut
 
     def send(self, stream_id: int, mtype: int, body: bytes) -> None:
-        """Write one frame; a single transport.write, so frames never interleave."""
-        if not self.closed:
-            self.transport.write(_HEADER.pack(len(body), stream_id, mtype, 0) + body)
+        """Queue one frame. Frames queued in one loop iteration go out in a single write at its
+        end (one syscall for many concurrent calls); a frame is never split or interleaved."""
+        if self.closed:
+            return
+        frame = _HEADER.pack(len(body), stream_id, mtype, 0) + body
+        if self._outgoing is None:
+            self._outgoing = [frame]
+            self._loop.call_soon(self._flush)
+        else:
+            self._outgoing.append(frame)
+
+    def _flush(self) -> None:
+        frames, self._outgoing = self._outgoing, None
+        if frames and not self.closed:
+            self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def malformed(self, reason: str) -> None:
         log.warning("ttrpc: malformed input, closing connection", side=self._kind, reason=reason)
@@ -330,6 +413,8 @@ class _Channel(asyncio.Protocol):
     def abort(self, force: bool = False) -> None:
         """Close the connection: flushing what was written, or at once when `force`."""
         if not self.closed:
+            if not force and self._outgoing:
+                self._flush()
             self.closed = True
             self._buf.clear()
             if self.transport is not None:
@@ -385,7 +470,6 @@ class _ServerConnection(_Channel):
         self.tasks: set[asyncio.Task] = set()
         self._read_paused = False
         self.closing = False
-        self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -756,7 +840,10 @@ class TtrpcClient:
                 raise errdefs.DeadlineExceeded()
             timeout_nano = int(timeout * 1e9) or 1
         ns = namespace or self.namespace
-        pairs = _metadata_pairs(metadata, ns) if (metadata or ns) else ()
+        if metadata:
+            pairs = _metadata_pairs(metadata, ns)
+        else:
+            pairs = ((TTRPC_NAMESPACE_HEADER, ns),) if ns else ()
         body = encode_request(service, method, payload, timeout_nano, pairs)
         if len(body) > MESSAGE_LENGTH_MAX:
             raise errdefs.from_status(Status.RESOURCE_EXHAUSTED, _oversize_message(len(body)))

@@ -407,6 +407,27 @@ async def test_protocol_errors_answered_on_the_stream(served):
     writer.close()
 
 
+async def test_frames_split_and_coalesced_on_the_wire(served):
+    """Three requests in one write, then one request dribbled a byte at a time."""
+    _, _, path = served
+    reader, writer = await raw_connect(path)
+    writer.write(b"".join(
+        frame(sid, 1, raw_request("test.v1.Echo", "Echo", bytes(EchoRequest(text=f"t{sid}"))))
+        for sid in (1, 3, 5)))
+    answers = {}
+    for _ in range(3):
+        sid, _, body = await asyncio.wait_for(read_frame(reader), 5)
+        answers[sid] = EchoResponse().parse(Response().parse(body).payload).text
+    assert answers == {1: "t1", 3: "t3", 5: "t5"}
+    for byte in frame(7, 1, raw_request("test.v1.Echo", "Echo", bytes(EchoRequest(text="slow")))):
+        writer.write(bytes((byte,)))
+        await writer.drain()
+        await asyncio.sleep(0)
+    sid, _, body = await asyncio.wait_for(read_frame(reader), 5)
+    assert (sid, EchoResponse().parse(Response().parse(body).payload).text) == (7, "slow")
+    writer.close()
+
+
 @pytest.mark.parametrize("case", ["oversize", "unknown_type", "response_type", "truncated_header",
                                   "truncated_body"])
 async def test_malformed_frame_closes_only_that_connection(served, case):
