@@ -23,6 +23,7 @@ generated classes cost several hundred microseconds per call. The unit tests che
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import os
 import socket
@@ -582,9 +583,14 @@ class TtrpcServer:
 
     # listening
     async def start_unix(self, path: str, mode: int = 0o660) -> None:
-        """Listen on a unix socket at `path` (a stale socket file there is removed first)."""
+        """Listen on a unix socket at `path` (a stale socket file there is removed first).
+
+        May be called more than once to listen on several paths."""
+        if self._closing:
+            raise errdefs.Unavailable("ttrpc: server closed")
         path = _unix_path(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound = False
         try:
             if not path.startswith("\0"):
                 parent = os.path.dirname(path)
@@ -599,6 +605,7 @@ class TtrpcServer:
                         raise FileExistsError(f"{path} exists and is not a socket")
                     os.unlink(path)
             sock.bind(path)
+            bound = True
             if not path.startswith("\0"):
                 os.chmod(path, mode)  # before listen(): no one connects through a wider mode
                 self._paths.append((path, os.lstat(path).st_ino))
@@ -606,6 +613,10 @@ class TtrpcServer:
             await self.start_socket(sock)
         except BaseException:
             sock.close()
+            if bound and not path.startswith("\0"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                self._paths = [entry for entry in self._paths if entry[0] != path]
             raise
         log.info("ttrpc: serving", address=path)
 
@@ -692,7 +703,11 @@ class TtrpcServer:
                 code, message = Status.RESOURCE_EXHAUSTED.value, _oversize_message(len(data))
                 data = b""
         except asyncio.CancelledError:
-            raise
+            if asyncio.current_task().cancelling():
+                raise  # we were cancelled (peer gone, server closing): nobody to answer
+            # the handler let through a cancellation that was not ours: answer it
+            status, message = errdefs.to_status(errdefs.Canceled())
+            code = status.value
         except _StatusError as err:
             code, message = err.code.value, err.message
         except errdefs.ContainerdError as err:

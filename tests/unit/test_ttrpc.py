@@ -117,6 +117,10 @@ class EchoService(EchoServiceBase):
             raise ValueError("kaboom")
         if request.text == "needns":
             context.namespace()
+        if request.text == "stray-cancel":  # a cancellation that is not the server's
+            fut = asyncio.get_running_loop().create_future()
+            fut.cancel()
+            await fut
         self.finished.append(request.text)
         md = [KeyValue(key=k, value=v) for k, values in sorted(request_metadata().items()) for v in values]
         return EchoResponse(text=request.text, namespace=context.namespace_or_default(), metadata=md)
@@ -300,6 +304,8 @@ async def test_status_mapping_both_ways(served):
     assert "kaboom" in str(info.value)
     with pytest.raises(errdefs.FailedPrecondition):
         await client.call("test.v1.Echo", "Echo", EchoRequest(text="needns"), EchoResponse)
+    with pytest.raises(errdefs.Canceled):
+        await client.call("test.v1.Echo", "Echo", EchoRequest(text="stray-cancel"), EchoResponse, timeout=5)
     # the connection is still good after errors
     assert (await client.call("test.v1.Echo", "Echo", EchoRequest(text="ok"), EchoResponse)).text == "ok"
     await client.close()
