@@ -21,7 +21,7 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
 from . import errdefs
-from .context import bind_namespace, namespace_from_metadata, reset_namespace
+from .context import bind_request, unbind_request
 
 log = structlog.get_logger(__name__)
 
@@ -40,21 +40,21 @@ class _Mapping(dict):
         return _unimplemented(key) if found is None else found
 
 
-def _wrap(method_func: Any, namespace: str | None) -> Any:
+def _wrap(method_func: Any, metadata: Any) -> Any:
     async def handle(stream: Any) -> None:
-        token = bind_namespace(namespace)
+        tokens = bind_request(metadata)
         try:
             await method_func(stream)
         except errdefs.ContainerdError as e:
             code, message = errdefs.to_status(e)
             raise GRPCError(code, message) from e
         finally:
-            reset_namespace(token)
+            unbind_request(tokens)
     return handle
 
 
 async def _on_request(event: RecvRequest) -> None:
-    event.method_func = _wrap(event.method_func, namespace_from_metadata(event.metadata))
+    event.method_func = _wrap(event.method_func, event.metadata)
 
 
 def prepare_socket_path(path: str) -> None:
