@@ -33,12 +33,6 @@ def _first_values(metadata: Metadata) -> dict[str, str]:
     return found
 
 
-def namespace_from_metadata(metadata: Metadata) -> str | None:
-    """The namespace named by request metadata (gRPC header, then the ttrpc key), or None."""
-    found = _first_values(metadata)
-    return found.get(NAMESPACE_HEADER) or found.get(TTRPC_NAMESPACE_HEADER) or None
-
-
 def bind_request(metadata: Metadata) -> tuple[contextvars.Token, contextvars.Token]:
     """Bind the namespace and lease a request's metadata names; undo with `unbind_request`."""
     found = _first_values(metadata)
@@ -54,14 +48,6 @@ def unbind_request(tokens: tuple[contextvars.Token, contextvars.Token]) -> None:
 def lease() -> str | None:
     """The lease the request works under (`containerd-lease` header), or None."""
     return _lease.get()
-
-
-def bind_namespace(ns: str | None) -> contextvars.Token:
-    return _namespace.set(ns)
-
-
-def reset_namespace(token: contextvars.Token) -> None:
-    _namespace.reset(token)
 
 
 def namespace() -> str:

@@ -43,7 +43,7 @@ from betterproto.casing import safe_snake_case
 from grpclib.const import Cardinality, Status
 
 from . import errdefs
-from .context import TTRPC_NAMESPACE_HEADER, bind_namespace, namespace_from_metadata, reset_namespace
+from .context import TTRPC_NAMESPACE_HEADER, bind_request, unbind_request
 
 log = structlog.get_logger(__name__)
 
@@ -678,7 +678,7 @@ class TtrpcServer:
         md: dict[str, list[str]] = {}
         for key, value in metadata:
             md.setdefault(key, []).append(value)
-        ns_token = bind_namespace(namespace_from_metadata(metadata))
+        ns_tokens = bind_request(metadata)
         md_token = _request_metadata.set(md)
         code = 0
         message = ""
@@ -725,7 +725,7 @@ class TtrpcServer:
             code = status.value
         finally:
             _request_metadata.reset(md_token)
-            reset_namespace(ns_token)
+            unbind_request(ns_tokens)
         conn._respond(stream_id, code, message, data)
         await conn.drain()
 

@@ -158,11 +158,11 @@ def test_publish_namespace_from_request_context():
     ex = Exchange()
     with pytest.raises(errdefs.FailedPrecondition):
         ex.publish(None, "/t", Ping())
-    token = context.bind_namespace("k8s.io")
+    tokens = context.bind_request({"containerd-namespace": "k8s.io"})
     try:
         assert ex.publish(None, "/t", Ping()).namespace == "k8s.io"
     finally:
-        context.reset_namespace(token)
+        context.unbind_request(tokens)
 
 
 def test_publish_unknown_message_type_is_publishers_error():
