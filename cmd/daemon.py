@@ -17,6 +17,7 @@ from pycontainerd.core.daemon import Daemon
 from pycontainerd.core.initgraph import RequiredPluginError, collect
 from pycontainerd.core.version import REVISION, VERSION
 from pycontainerd.plugins import BUILTIN_MODULES
+from pycontainerd.plugins.snapshots.proxy import proxy_registrations as snapshot_proxy_registrations
 
 DEFAULT_CONFIG = "/etc/pycontainerd/config.toml"
 
@@ -46,6 +47,8 @@ def load(args: argparse.Namespace) -> tuple[configmod.LoadResult, list]:
     configmod.apply_overrides(result.config, root=args.root, state=args.state, address=args.address,
                               log_level=args.log_level)
     registrations = collect(BUILTIN_MODULES, result.config.plugin_modules).all()
+    # [proxy_plugins.NAME] type = "snapshot": a snapshotter served by another process
+    registrations += snapshot_proxy_registrations(result.config.proxy_plugins)
     return result, registrations
 
 
