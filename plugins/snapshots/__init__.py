@@ -16,9 +16,17 @@ Backend API (what GC and the differ use; every method a coroutine, keys are back
     commit(name, key, labels)    remove(key)  (FailedPrecondition while it has children)
     update(info, fieldpaths) -> Info          usage(key) -> Usage(size, inodes)
     cleanup()  (overlayfs: frees directories of removed snapshots; native: Unimplemented)
+    gc_lock  the namespaced layer's lock: hold `async with backend.gc_lock.exclusive():` while
+             sweeping, so no backend snapshot whose row is on its way gets removed
 Get them with `ctx.get_all(PluginType.SNAPSHOT)` (name -> backend); the namespaced ones with
 `ctx.get(PluginType.SERVICE, "snapshots-service").namespaced[name]` (see
-plugins/metadata/snapshots.py for `backend_keys()`, `prune()` and `exclusive()`).
+plugins/metadata/snapshots.py for `backend_keys()`, `prune()` and `exclusive()`). Rows of the
+`snapshots` table map (namespace, snapshotter, key) to `backend_key`; a backend snapshot no row
+names is garbage (children before parents).
+
+For a differ: the mounts of an active overlay snapshot are one overlay mount whose `upperdir=`
+option is where the changes land (core.mount.overlay_upperdir(mounts)); a snapshot without a
+parent is a single rw bind mount of that directory (overlay_upperdir returns its source too).
 """
 from __future__ import annotations
 

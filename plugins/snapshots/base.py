@@ -84,7 +84,12 @@ class Snapshotter:
 
     Backends (overlayfs, native, proxy) implement it over their own store; the namespaced layer
     (plugins/metadata/snapshots.py) implements it again on top of a backend, per namespace.
+
+    `gc_lock` (set on backends by the snapshots service) is the namespaced layer's lock: GC holds
+    its `exclusive()` side while it sweeps the backend.
     """
+
+    gc_lock = None
 
     async def stat(self, key: str) -> Info:
         raise NotImplementedError

@@ -79,6 +79,10 @@ class SnapshotsService:
 
     def __init__(self, db: Any, backends: Mapping[str, Snapshotter], events: Any):
         self.namespaced = {name: NamespacedSnapshotter(db, name, backend) for name, backend in backends.items()}
+        for name, backend in backends.items():
+            # GC (plugins/gc) sweeps a backend under `backend.gc_lock.exclusive()`: the lock the
+            # namespaced layer holds shared while a backend snapshot waits for its row.
+            backend.gc_lock = self.namespaced[name].lock
         self.snapshotters = {name: PublishingSnapshotter(sn, events) for name, sn in self.namespaced.items()}
 
     def names(self) -> list[str]:
