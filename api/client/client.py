@@ -24,6 +24,7 @@ from ._base import DEFAULT, Connection, ServiceAPI
 from .events import EventsAPI
 from .leases import LeasesAPI
 from .namespaces import NamespacesAPI
+from .snapshots import SnapshotsAPI
 from .types import Plugin, ServerInfo, Version
 
 DEFAULT_ADDRESS = "/run/pycontainerd/pycontainerd.sock"
@@ -60,6 +61,7 @@ class Client:
         self.namespaces = NamespacesAPI(self)
         self.leases = LeasesAPI(self)
         self.events = EventsAPI(self)
+        self.snapshots = SnapshotsAPI(self)
 
     @property
     def address(self) -> str:
