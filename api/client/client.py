@@ -21,10 +21,12 @@ from pycontainerd.api.gen.containerd.services.version import v1 as version_api
 from pycontainerd.core.context import DEFAULT_NAMESPACE
 
 from ._base import DEFAULT, Connection, ServiceAPI
+from .containers import ContainersAPI
 from .events import EventsAPI
 from .leases import LeasesAPI
 from .namespaces import NamespacesAPI
 from .snapshots import SnapshotsAPI
+from .tasks import TasksAPI
 from .types import Plugin, ServerInfo, Version
 
 DEFAULT_ADDRESS = "/run/pycontainerd/pycontainerd.sock"
@@ -62,6 +64,8 @@ class Client:
         self.leases = LeasesAPI(self)
         self.events = EventsAPI(self)
         self.snapshots = SnapshotsAPI(self)
+        self.containers = ContainersAPI(self)
+        self.tasks = TasksAPI(self)
 
     @property
     def address(self) -> str:
