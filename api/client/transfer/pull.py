@@ -1,0 +1,245 @@
+"""Pull: resolve a reference on its registry, fetch the image graph into the content store under
+a lease, record the image, and (by default) unpack it, as `ctr images pull` does.
+
+The graph is walked as containerd's Dispatch walks it: a manifest or index is read whole (at most
+4 MiB) and checked against its digest before its children are looked at; an index keeps only the
+children for the chosen platforms; children are fetched concurrently, at most
+`max_concurrent_downloads` at a time. Blobs stream into Content.Write with their expected digest
+and size, so the content store verifies them on commit; a layer already present is skipped, a
+partial ingest left by an interrupted pull is resumed with a Range request, and a connection that
+breaks mid-layer is resumed the same way. Each parent gets the gc.ref labels of its children and
+every blob the containerd.io/distribution.source.<host> label. A wrong digest or size, or a body
+cut short, fails the pull; the image is recorded only when everything arrived.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from typing import Optional
+
+import httpx
+
+from pycontainerd.core import errdefs
+
+from . import mediatypes as mt
+from . import platforms as plat
+from ._services import CHUNK, ImageRecord, Services
+from .mediatypes import Descriptor
+from .progress import Progress
+from .registry import Registry, RemoteOptions, registry_for
+from .unpack import DEFAULT_SNAPSHOTTER, unpack
+
+RESUME_ATTEMPTS = 3
+
+
+@dataclass
+class PullOptions:
+    platforms: list[str] = field(default_factory=list)
+    all_platforms: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+    max_concurrent_downloads: int = 3
+    unpack: bool = True
+    snapshotter: str = DEFAULT_SNAPSHOTTER
+
+    def matcher(self) -> plat.Matcher:
+        return plat.from_specs(self.platforms, self.all_platforms)
+
+
+def ref_key(desc: Descriptor) -> str:
+    """containerd's remotes.MakeRefKey: the ingest ref of a fetch."""
+    key = desc.digest
+    name = desc.annotations.get(mt.ANNOTATION_REF_NAME)
+    if name:
+        key = f"{name}@{desc.digest}"
+    m = desc.media_type
+    if mt.is_manifest(m):
+        return "manifest-" + key
+    if mt.is_index(m):
+        return "index-" + key
+    if mt.is_layer(m):
+        return "layer-" + key
+    if mt.is_known_config(m):
+        return "config-" + key
+    return "unknown-" + key
+
+
+def _append_source(existing: str, repo: str) -> str:
+    repos = [r for r in existing.split(",") if r] if existing else []
+    repos.append(repo)
+    return ",".join(sorted(set(repos)))
+
+
+class _Fetcher:
+    def __init__(self, svc: Services, registry: Registry, limit: int, progress: Progress):
+        self.svc = svc
+        self.registry = registry
+        self.sem = asyncio.Semaphore(max(limit, 1))
+        self.progress = progress
+        host = registry.spec.hostname
+        if host.startswith("["):
+            host = host[1:].split("]", 1)[0]
+        elif ":" in host:
+            host = host.rsplit(":", 1)[0]
+        self.source_key = mt.LABEL_DISTRIBUTION_SOURCE + host
+        self.repo = registry.repository
+        self.seen: dict[str, asyncio.Task] = {}
+
+    async def dispatch(self, desc: Descriptor, matcher: plat.Matcher, depth: int = 0) -> None:
+        if depth > 8:
+            raise errdefs.InvalidArgument(f"{desc.digest}: indexes nested too deeply")
+        if desc.media_type == mt.DOCKER_SCHEMA1:
+            raise errdefs.Unimplemented(f"{desc.media_type} not supported")
+        async with self.sem:
+            data = await self.fetch(desc)
+        kids: list[Descriptor] = []
+        if data is not None:
+            doc = mt.parse_document(data, desc)
+            kids = mt.children(doc, desc)
+            if mt.is_index(desc.media_type):
+                for k in kids:
+                    if not (mt.is_manifest(k.media_type) or mt.is_index(k.media_type)):
+                        raise errdefs.InvalidArgument(
+                            f"index {desc.digest}: unknown manifest media type {k.media_type!r}")
+                kids = [k for k in kids if matcher.match(k.platform)]
+            if kids:
+                await self.svc.update_labels(desc.digest, mt.children_labels(kids))
+        await self._source_label(desc)
+        if kids:
+            await asyncio.gather(*(self._once(k, matcher, depth + 1) for k in kids))
+
+    def _once(self, desc: Descriptor, matcher: plat.Matcher, depth: int) -> asyncio.Task:
+        task = self.seen.get(desc.digest)
+        if task is None:
+            task = asyncio.ensure_future(self.dispatch(desc, matcher, depth))
+            self.seen[desc.digest] = task
+        return task
+
+    async def _source_label(self, desc: Descriptor) -> None:
+        info = await self.svc.info(desc.digest)
+        value = _append_source(info.labels.get(self.source_key, ""), self.repo)
+        if info.labels.get(self.source_key) != value and len(self.source_key) + len(value) <= 4096:
+            await self.svc.update_labels(desc.digest, {self.source_key: value})
+
+    async def fetch(self, desc: Descriptor) -> Optional[bytes]:
+        """Fetch `desc` into the store; the bytes of a manifest or index (read from the store
+        when it was already there)."""
+        if desc.size == 0 and not mt.is_layer(desc.media_type):
+            raise errdefs.InvalidArgument(f"unable to fetch descriptor ({desc.digest}) which reports "
+                                          f"content size of zero")
+        is_doc = mt.is_manifest(desc.media_type) or mt.is_index(desc.media_type)
+        key = ref_key(desc)
+        if is_doc:
+            if desc.size > mt.MAX_MANIFEST_SIZE:
+                raise errdefs.InvalidArgument(f"manifest {desc.digest}: {desc.size} bytes is over "
+                                              f"the {mt.MAX_MANIFEST_SIZE} byte limit")
+            info = await self.svc.exists(desc.digest)
+            if info is not None:
+                self.progress.finish(key, "exists")
+                return await self.svc.read_all(desc.digest, limit=mt.MAX_MANIFEST_SIZE)
+            self.progress.start(key, desc.size, "downloading")
+            data = await self.registry.fetch_bytes(desc)
+            await self.svc.write_blob(key, data, desc.digest)
+            self.progress.finish(key, "done")
+            return data
+        await self._stream(desc, key)
+        return None
+
+    async def _stream(self, desc: Descriptor, key: str) -> None:
+        backoff = 0.016
+        while True:
+            try:
+                async with self.svc.writer(key, desc.size, desc.digest) as w:
+                    if w.exists:
+                        self.progress.finish(key, "exists")
+                        return
+                    await self._copy(desc, key, w)
+                    try:
+                        await w.commit(desc.size, desc.digest)
+                    except errdefs.FailedPrecondition as err:
+                        raise errdefs.FailedPrecondition(
+                            f"{desc.digest}: content from the registry does not match its descriptor: "
+                            f"{err.message}") from None
+                    self.progress.finish(key, "done")
+                    return
+            except errdefs.Unavailable as err:
+                # another writer holds the ref (a concurrent pull of the same blob): wait for it
+                if "locked" not in str(err) and "unavailable" not in str(err).lower():
+                    raise
+                if backoff > 2.0:
+                    raise
+                await asyncio.sleep(random.uniform(0, backoff))
+                backoff *= 2
+
+    async def _copy(self, desc: Descriptor, key: str, w) -> None:
+        self.progress.start(key, desc.size, "downloading")
+        self.progress.set(key, w.offset)
+        attempts = 0
+        while w.offset < desc.size or attempts == 0:
+            start = w.offset
+            resp = await self.registry.open(desc, start)
+            skip = resp.extensions.get("skip", 0)
+            received = start
+            try:
+                async for chunk in resp.aiter_bytes(CHUNK):
+                    if skip:
+                        if len(chunk) <= skip:
+                            skip -= len(chunk)
+                            continue
+                        chunk, skip = chunk[skip:], 0
+                    if received + len(chunk) > desc.size:
+                        raise errdefs.FailedPrecondition(
+                            f"{desc.digest}: the registry sent more than the {desc.size} bytes expected")
+                    await w.write(chunk)
+                    received += len(chunk)
+                    self.progress.advance(key, len(chunk))
+            except httpx.TimeoutException:
+                raise errdefs.DeadlineExceeded(f"fetching {desc.digest}: registry timed out") from None
+            except httpx.TransportError as err:
+                attempts += 1
+                if attempts > RESUME_ATTEMPTS:
+                    raise errdefs.Unavailable(f"fetching {desc.digest}: {err}") from None
+            finally:
+                await resp.aclose()
+            await w.drain()
+            if received < desc.size:
+                attempts += 1
+                if attempts > RESUME_ATTEMPTS:
+                    raise errdefs.FailedPrecondition(
+                        f"{desc.digest}: truncated: the registry sent {received} of {desc.size} bytes")
+                continue
+            break
+
+
+async def fetch(svc: Services, ref: str, remote: Optional[RemoteOptions] = None,
+                options: Optional[PullOptions] = None, progress: Optional[Progress] = None) -> ImageRecord:
+    """Fetch `ref` and record it as image `ref` (no unpack): ctr's content.Fetch."""
+    options = options or PullOptions()
+    progress = progress or Progress()
+    matcher = options.matcher()
+    async with registry_for(ref, remote) as registry:
+        desc = await registry.resolve()
+        progress.note(ref, "resolved")
+        async with svc.leased() as leased:
+            fetcher = _Fetcher(leased, registry, options.max_concurrent_downloads, progress)
+            await fetcher.dispatch(desc, matcher)
+            return await leased.image_put(ref, desc, options.labels)
+
+
+async def image_platforms(svc: Services, target: Descriptor) -> list[mt.Platform]:
+    """The platforms an image has content for (containerd's images.Platforms, simplified)."""
+    if mt.is_manifest(target.media_type):
+        if target.platform is not None:
+            return [target.platform]
+        data = await svc.read_all(target.digest, limit=mt.MAX_MANIFEST_SIZE)
+        config = mt.children(mt.parse_document(data, target), target)[0]
+        import json
+        cfg = json.loads(await svc.read_all(config.digest, limit=mt.MAX_MANIFEST_SIZE))
+        return [plat.normalize(mt.Platform(os=cfg.get("os", ""), architecture=cfg.get("architecture", ""),
+                                           variant=cfg.get("variant", "") or ""))]
+    data = await svc.read_all(target.digest, limit=mt.MAX_MANIFEST_SIZE)
+    out: list[mt.Platform] = []
+    for child in mt.children(mt.parse_document(data, target), target):
+        if child.platform is not None and await svc.exists(child.digest) is not None:
+            out.append(plat.normalize(child.platform))
+    return out
