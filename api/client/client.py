@@ -22,6 +22,7 @@ from pycontainerd.core.context import DEFAULT_NAMESPACE
 
 from ._base import DEFAULT, Connection, ServiceAPI
 from .containers import ContainersAPI
+from .content import ContentAPI
 from .events import EventsAPI
 from .leases import LeasesAPI
 from .namespaces import NamespacesAPI
@@ -66,6 +67,7 @@ class Client:
         self.snapshots = SnapshotsAPI(self)
         self.containers = ContainersAPI(self)
         self.tasks = TasksAPI(self)
+        self.content = ContentAPI(self)
 
     @property
     def address(self) -> str:
