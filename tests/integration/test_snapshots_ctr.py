@@ -1,0 +1,278 @@
+"""Snapshots through our daemon with the stock `ctr` (and pyctr): prepare/view/mounts/commit/rm/
+info/ls/label/usage/tree on overlayfs and native, actually running the mount commands ctr prints
+and writing files; namespaces kept apart; errors as containerd words them; pyctr's output equal
+to ctr's; and a proxy snapshotter: our native backend served by a separate process
+(`python -m pycontainerd.plugins.snapshots.serve`) configured as `[proxy_plugins.NAME]`.
+
+Everything lives under a short temp dir that is unmounted and removed even on failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from daemons import Daemon, short_tmpdir, unmount_under
+
+pytestmark = [pytest.mark.root, pytest.mark.compat]
+
+CTR = shutil.which("ctr")
+PYCTR = str(Path(sys.executable).parent / "pyctr")
+NO_GC = 'version = 2\ndisabled_plugins = ["io.containerd.gc.v1.scheduler"]\n'
+
+
+def run(binary: str, d: Daemon, *args: str, ns: str = "default", ok: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([binary, "--address", d.address, "--namespace", ns, *args],
+                       capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in p.stderr, p.stderr
+    if ok:
+        assert p.returncode == 0, f"{binary} {' '.join(args)} -> {p.returncode}: {p.stderr}\n{d.log()}"
+    return p
+
+
+def ctr(d: Daemon, *args: str, **kw) -> subprocess.CompletedProcess:
+    return run(CTR, d, *args, **kw)
+
+
+def pyctr(d: Daemon, *args: str, **kw) -> subprocess.CompletedProcess:
+    return run(PYCTR, d, *args, **kw)
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    if CTR is None:
+        pytest.skip("ctr is not installed")
+    # Views made by ctr carry no gc.root label: GC (as containerd's) may collect them between two
+    # commands. These tests are about snapshots, so GC stays off here.
+    d = Daemon("pycontainerd", config=NO_GC)
+    try:
+        d.start()
+        yield d
+    finally:
+        d.cleanup()
+
+
+@pytest.fixture
+def target(daemon):
+    t = daemon.tmp / f"mnt-{time.monotonic_ns()}"
+    t.mkdir()
+    try:
+        yield t
+    finally:
+        unmount_under(t)
+        shutil.rmtree(t, ignore_errors=True)
+
+
+def mount_printed(commands: str) -> None:
+    """Run the `mount -t ... -o ...` lines ctr printed."""
+    lines = [line for line in commands.splitlines() if line.strip()]
+    assert lines and all(line.startswith("mount -t ") for line in lines), commands
+    for line in lines:
+        subprocess.run(line, shell=True, check=True, capture_output=True)
+
+
+def umount(t: Path) -> None:
+    subprocess.run(["umount", str(t)], check=True)
+
+
+@pytest.mark.parametrize("sn", ["overlayfs", "native"])
+def test_ctr_snapshot_lifecycle(daemon, target, sn):
+    ns = f"life-{sn}"
+    c = lambda *a, **kw: ctr(daemon, "snapshots", "--snapshotter", sn, *a, ns=ns, **kw)  # noqa: E731
+    c("prepare", "base")
+    mount_printed(c("mounts", str(target), "base").stdout)
+    (target / "hello").write_text("hello\n")
+    (target / "dir").mkdir()
+    (target / "dir" / "gone").write_text("x")
+    umount(target)
+    c("commit", "base-c", "base")
+
+    c("prepare", "top", "base-c")
+    mount_printed(c("mounts", str(target), "top").stdout)
+    assert (target / "hello").read_text() == "hello\n"
+    (target / "top").write_text("top\n")
+    (target / "dir" / "gone").unlink()
+    umount(target)
+    c("commit", "top-c", "top")
+
+    out = c("view", "--target", str(target), "v", "top-c").stdout
+    mount_printed(out)
+    assert sorted(os.listdir(target)) == ["dir", "hello", "top"]
+    assert os.listdir(target / "dir") == []
+    with pytest.raises(OSError):
+        (target / "nope").write_text("ro")
+    umount(target)
+
+    lines = c("ls").stdout.splitlines()
+    assert lines[0].split() == ["KEY", "PARENT", "KIND"]
+    rows = {tuple(line.split()) for line in lines[1:]}
+    assert rows == {("base-c", "Committed"), ("top-c", "base-c", "Committed"), ("v", "top-c", "View")}
+    info = json.loads(c("info", "top-c").stdout)
+    assert info["Kind"] == "Committed" and info["Parent"] == "base-c" and "containerd.io/gc.root" in info["Labels"]
+    assert c("label", "top-c", "team=blue").stdout.strip().endswith("team=blue")
+    assert json.loads(c("info", "top-c").stdout)["Labels"]["team"] == "blue"
+    c("label", "top-c", "team=")
+    assert "team" not in json.loads(c("info", "top-c").stdout)["Labels"]
+    usage = c("usage", "-b", "top-c").stdout.splitlines()
+    assert usage[0].split() == ["KEY", "SIZE", "INODES"] and int(usage[1].split()[1]) > 0
+    assert c("tree").stdout == " base-c\n  \\_ top-c\n    \\_ v\n"
+
+    r = c("rm", "base-c", ok=False)
+    assert r.returncode != 0 and 'failed to remove "base-c"' in r.stderr and "failed precondition" in r.stderr
+    c("rm", "v", "top-c", "base-c")
+    assert c("ls").stdout.splitlines()[1:] == []
+    backend_dir = daemon.root / f"io.containerd.snapshotter.v1.{sn}" / "snapshots"
+    if sn == "native":
+        assert os.listdir(backend_dir) == []
+
+
+def test_errors_as_containerd(daemon):
+    r = ctr(daemon, "snapshots", "--snapshotter", "bogus", "ls", ok=False)
+    assert "snapshotter not loaded: bogus: invalid argument" in r.stderr
+    r = ctr(daemon, "snapshots", "info", "nope", ok=False)
+    assert "not found" in r.stderr
+    ctr(daemon, "snapshots", "prepare", "dup", ns="errs")
+    r = ctr(daemon, "snapshots", "prepare", "dup", ns="errs", ok=False)
+    assert "already exists" in r.stderr
+    r = ctr(daemon, "snapshots", "prepare", "x", "dup", ns="errs", ok=False)
+    assert "invalid argument" in r.stderr  # parent is not committed
+    ctr(daemon, "snapshots", "view", "vw", ns="errs")
+    r = ctr(daemon, "snapshots", "commit", "vwc", "vw", ns="errs", ok=False)
+    assert "failed precondition" in r.stderr
+    ctr(daemon, "snapshots", "rm", "dup", "vw", ns="errs")
+    ctr(daemon, "namespaces", "rm", "errs")
+
+
+def test_namespaces_are_separate_and_block_removal(daemon):
+    ctr(daemon, "snapshots", "prepare", "same", ns="nsa")
+    ctr(daemon, "snapshots", "prepare", "same", ns="nsb")
+    ctr(daemon, "snapshots", "commit", "only-a", "same", ns="nsa")
+    assert "only-a" not in ctr(daemon, "snapshots", "ls", ns="nsb").stdout
+    r = ctr(daemon, "namespaces", "rm", "nsa", ok=False)
+    assert 'snapshots on "overlayfs" snapshotter' in r.stderr
+    ctr(daemon, "snapshots", "rm", "only-a", ns="nsa")
+    ctr(daemon, "snapshots", "rm", "same", ns="nsb")
+    ctr(daemon, "namespaces", "rm", "nsa", "nsb")
+
+
+def test_pyctr_matches_ctr(daemon):
+    ns = "same-output"
+    ctr(daemon, "snapshots", "prepare", "a", ns=ns)
+    ctr(daemon, "snapshots", "commit", "A", "a", ns=ns)
+    ctr(daemon, "snapshots", "prepare", "b", "A", ns=ns)
+    ctr(daemon, "snapshots", "view", "c", "A", ns=ns)
+    ctr(daemon, "snapshots", "label", "b", "k=v", ns=ns)
+    for args in (["ls"], ["tree"], ["usage"], ["usage", "-b"], ["info", "b"], ["mounts", "/mnt", "b"],
+                 ["--snapshotter", "native", "ls"]):
+        ours = pyctr(daemon, "snapshots", *args, ns=ns)
+        theirs = ctr(daemon, "snapshots", *args, ns=ns)
+        assert ours.stdout == theirs.stdout, args
+    # ctr prints labels in Go's map order (random); pyctr sorts them
+    ours = pyctr(daemon, "snapshots", "label", "A", "x=y", ns=ns).stdout.strip().split(",")
+    theirs = ctr(daemon, "snapshots", "label", "A", "x=y", ns=ns).stdout.strip().split(",")
+    assert ours == sorted(theirs)
+    for args in (["info", "nope"], ["rm", "A"]):
+        ours = pyctr(daemon, "snapshots", *args, ns=ns, ok=False)
+        theirs = ctr(daemon, "snapshots", *args, ns=ns, ok=False)
+        assert ours.returncode == theirs.returncode == 1
+        assert ours.stderr.replace("pyctr: ", "") == theirs.stderr.replace("ctr: ", ""), args
+    assert pyctr(daemon, "snapshots", "ls", "-q", ns=ns).stdout.split() == ["A", "b", "c"]
+    data = json.loads(pyctr(daemon, "snapshots", "ls", "--format", "json", ns=ns).stdout)
+    assert [x["Name"] for x in data] == ["A", "b", "c"]
+    pyctr(daemon, "snapshots", "rm", "b", "c", "A", ns=ns)
+
+
+def test_snapshot_events(daemon):
+    ev = subprocess.Popen([CTR, "--address", daemon.address, "events"], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        ctr(daemon, "snapshots", "prepare", "e1", ns="events")
+        ctr(daemon, "snapshots", "commit", "E1", "e1", ns="events")
+        ctr(daemon, "snapshots", "rm", "E1", ns="events")
+        time.sleep(0.5)
+    finally:
+        ev.send_signal(signal.SIGINT)
+        out = ev.communicate(timeout=10)[0]
+    topics = [line.split()[5] for line in out.splitlines() if "/snapshot/" in line]
+    assert topics == ["/snapshot/prepare", "/snapshot/commit", "/snapshot/remove"], out
+    assert '"key":"e1","name":"E1"' in out
+
+
+# -- proxy snapshotter -------------------------------------------------------------------------
+
+@pytest.fixture
+def proxied():
+    """A native backend served by its own process, and our daemon using it as `[proxy_plugins.px]`."""
+    tmp = short_tmpdir("pxy-")
+    sock = str(tmp / "px.sock")
+    log = open(tmp / "serve.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "pycontainerd.plugins.snapshots.serve",
+                               "--snapshotter", "native", "--root", str(tmp / "backend"), "--address", sock],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    d = None
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock):
+            assert server.poll() is None, (tmp / "serve.log").read_text()
+            assert time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.05)
+        d = Daemon("pycontainerd", config=NO_GC + f'[proxy_plugins.px]\n  type = "snapshot"\n'
+                                                   f'  address = "{sock}"\n')
+        d.start()
+        yield d, tmp
+    finally:
+        if d is not None:
+            d.cleanup()
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+        unmount_under(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_proxy_snapshotter(proxied):
+    d, tmp = proxied
+    plugins = ctr(d, "plugins", "ls").stdout
+    assert any(line.split()[:2] == ["io.containerd.snapshotter.v1", "px"] and line.split()[-1] == "ok"
+               for line in plugins.splitlines()), plugins
+    detail = ctr(d, "plugins", "ls", "-d", "id==px").stdout
+    assert str(tmp / "px.sock") in detail
+    target = tmp / "t"
+    target.mkdir()
+    c = lambda *a, **kw: ctr(d, "snapshots", "--snapshotter", "px", *a, ns="pxns", **kw)  # noqa: E731
+    c("prepare", "a")
+    out = c("mounts", str(target), "a").stdout
+    assert str(tmp / "backend") in out  # the served backend's own directories
+    mount_printed(out)
+    (target / "file").write_text("through the proxy\n")
+    umount(target)
+    c("commit", "A", "a")
+    c("prepare", "b", "A")
+    mount_printed(c("mounts", str(target), "b").stdout)
+    assert (target / "file").read_text() == "through the proxy\n"
+    umount(target)
+    rows = {tuple(line.split()) for line in c("ls").stdout.splitlines()[1:]}
+    assert rows == {("A", "Committed"), ("b", "A", "Active")}
+    assert json.loads(c("info", "b").stdout)["Parent"] == "A"
+    assert int(c("usage", "-b", "A").stdout.splitlines()[1].split()[1]) > 0
+    c("label", "A", "x=y")
+    r = c("rm", "A", ok=False)
+    assert "failed precondition" in r.stderr
+    # the same key in another namespace is another backend snapshot
+    ctr(d, "snapshots", "--snapshotter", "px", "prepare", "a", ns="pxother")
+    assert len(os.listdir(tmp / "backend" / "snapshots")) == 3
+    ctr(d, "snapshots", "--snapshotter", "px", "rm", "a", ns="pxother")
+    c("rm", "b", "A")
+    assert c("ls").stdout.splitlines()[1:] == []
+    assert os.listdir(tmp / "backend" / "snapshots") == []
