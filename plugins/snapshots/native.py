@@ -63,6 +63,10 @@ class NativeSnapshotter(Snapshotter):
         with self.ms.read() as tx:
             ids = tx.id_map()
         for name in os.listdir(self.snapshots_dir):
+            if name.startswith("rm-") and name[3:] in ids and not os.path.exists(self.snapshot_dir(name[3:])):
+                # renamed for removal, but the removal's transaction never committed: put it back
+                os.rename(os.path.join(self.snapshots_dir, name), self.snapshot_dir(name[3:]))
+                continue
             if name not in ids:
                 with contextlib.suppress(OSError):
                     remove_tree(os.path.join(self.snapshots_dir, name))

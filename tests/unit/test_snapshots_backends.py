@@ -474,12 +474,15 @@ async def test_native_sweeps_leftovers(tmp):
     root = os.path.join(tmp, "n")
     sn = make("native", root)
     await sn.prepare("a", "", GC)
+    await sn.prepare("b", "", GC)
     await sn.close()
     os.makedirs(os.path.join(root, "snapshots", "new-123"))
     os.makedirs(os.path.join(root, "snapshots", "rm-9"))
+    # a removal whose transaction never committed: the record is there, the dir was renamed
+    os.rename(os.path.join(root, "snapshots", "2"), os.path.join(root, "snapshots", "rm-2"))
     sn = make("native", root)
     try:
-        assert sorted(os.listdir(os.path.join(root, "snapshots"))) == ["1"]
+        assert sorted(os.listdir(os.path.join(root, "snapshots"))) == ["1", "2"]
     finally:
         await sn.close()
 
