@@ -23,6 +23,7 @@ from typing import Any, AsyncIterable, AsyncIterator, BinaryIO, Iterable, Mappin
 
 from betterproto.lib.google.protobuf import FieldMask
 from grpclib.const import Cardinality
+from grpclib.exceptions import StreamTerminatedError
 
 from pycontainerd.api.gen.containerd.services.content import v1 as api
 from pycontainerd.core import errdefs
@@ -127,8 +128,13 @@ class ContentWriter:
 
     async def _send(self, req: api.WriteContentRequest) -> api.WriteContentResponse:
         with translate_errors(self._address):
-            await self._stream.send_message(req)
-            resp = await self._stream.recv_message()
+            try:
+                await self._stream.send_message(req)
+                resp = await self._stream.recv_message()
+            except StreamTerminatedError:
+                # The server answered with an error status and reset the stream: report that.
+                self._stream._maybe_raise()
+                raise
         if resp is None:
             raise errdefs.Unavailable("write stream ended without an answer")
         if resp.digest:
