@@ -38,7 +38,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cfg_sub.add_parser("default", help="print a complete default config")
     cfg_sub.add_parser("dump", help="print the effective merged config")
     cfg_sub.add_parser("check", help="report unknown keys and wrong types; exit 1 when there are any")
+    pub = sub.add_parser("publish", help="publish an event (a protobuf Any on stdin) to the daemon; shims run this")
+    pub.add_argument("--namespace", default="", help="namespace to publish to")
+    pub.add_argument("--topic", default="", help="topic of the event")
     return ap.parse_args(argv)
+
+
+def publish_command(args: argparse.Namespace) -> int:
+    """`pycontainerd --address A publish --namespace NS --topic T < any.bin`, as `containerd publish`:
+    the -publish-binary a shim runs to send an event through Events.Publish."""
+    from betterproto.lib.google.protobuf import Any as ProtoAny
+
+    from pycontainerd.api.client import Client
+
+    if not args.topic:
+        raise errdefs.InvalidArgument("topic required to publish event")
+    try:
+        payload = ProtoAny().parse(sys.stdin.buffer.read())
+    except Exception as e:
+        raise errdefs.InvalidArgument(f"reading the event from stdin: {e}") from None
+
+    async def publish() -> None:
+        client = Client(args.address or configmod.DEFAULT_ADDRESS, namespace=args.namespace, connect_timeout=2)
+        try:
+            await client.events.publish(args.topic, payload)
+        finally:
+            await client.close()
+
+    asyncio.run(publish())
+    return 0
 
 
 def load(args: argparse.Namespace) -> tuple[configmod.LoadResult, list]:
@@ -98,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "config":
             sys.exit(config_command(args))
+        if args.command == "publish":
+            sys.exit(publish_command(args))
         sys.exit(run_daemon(args))
     except configmod.ConfigError as e:
         sys.stderr.write(f"pycontainerd: {e}\n")
