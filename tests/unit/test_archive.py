@@ -265,7 +265,7 @@ def test_replacing_entries(root):
 
 # -- whiteouts ---------------------------------------------------------------------------------
 
-LOWER = make_tar(
+LOWER_MEMBERS = [
     member("keep", data=b"k"),
     member("gone", data=b"g"),
     member("dir/sub/deep", data=b"d"),
@@ -274,7 +274,8 @@ LOWER = make_tar(
     member("opq/sub/lower2", data=b"2"),
     member("opq2/lower", data=b"3"),
     member("link", tarfile.SYMTYPE, linkname="keep"),
-)
+]
+LOWER = make_tar(*LOWER_MEMBERS)
 
 
 def test_whiteouts(root):
