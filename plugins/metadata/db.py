@@ -15,10 +15,10 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 MIGRATIONS: list[str] = [
     """
@@ -132,6 +132,16 @@ NAMESPACE_HOLDERS: list[NamespaceHolder] = [
 """As containerd: leases and ingests do not keep a namespace alive; they go with it."""
 
 
+@dataclass
+class Dirty:
+    """Deletions since the last garbage collection, as `MetadataDB.mark_dirty` records them; the
+    collector (plugins/metadata/gc.py) takes and resets them."""
+
+    deletions: int = 0
+    content: bool = False
+    snapshotters: set[str] = field(default_factory=set)
+
+
 def now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -161,6 +171,9 @@ class MetadataDB:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA foreign_keys=ON")
+        self.dirty = Dirty()
+        self._mutation_callbacks: list[Callable[[bool], None]] = []
+        self._in_write = False
         self._migrate()
 
     def _migrate(self) -> None:
@@ -184,6 +197,7 @@ class MetadataDB:
         """One write transaction: committed when the block ends, rolled back when it raises."""
         cur = self.conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
+        self._in_write = True
         try:
             yield cur
         except BaseException:
@@ -192,7 +206,29 @@ class MetadataDB:
         else:
             cur.execute("COMMIT")
         finally:
+            self._in_write = False
             cur.close()
+        self._notify_mutation()
+
+    def register_mutation_callback(self, fn: Callable[[bool], None]) -> None:
+        """Call `fn(dirty)` after every committed write, `dirty` telling whether a deletion was
+        marked since the last collection (containerd's RegisterMutationCallback)."""
+        self._mutation_callbacks.append(fn)
+
+    def mark_dirty(self, *, content: bool = False, snapshotter: str = "") -> None:
+        """A reference went away (see plugins/metadata/gc.py): call inside the deleting write, or
+        after it (then the callbacks hear of it at once)."""
+        self.dirty.deletions += 1
+        self.dirty.content = self.dirty.content or content
+        if snapshotter:
+            self.dirty.snapshotters.add(snapshotter)
+        if not self._in_write:
+            self._notify_mutation()
+
+    def _notify_mutation(self) -> None:
+        dirty = self.dirty.deletions > 0
+        for fn in list(self._mutation_callbacks):
+            fn(dirty)
 
     def read(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         return self.conn.execute(sql, params).fetchall()
