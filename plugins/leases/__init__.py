@@ -1,54 +1,45 @@
-"""Leases: the lease manager (`io.containerd.lease.v1.manager`), which also removes leases whose
-`containerd.io/gc.expire` time has passed, and the leases gRPC service (`io.containerd.grpc.v1.leases`)."""
+"""Leases: the lease manager (`io.containerd.lease.v1.manager`) and the leases gRPC service
+(`io.containerd.grpc.v1.leases`).
+
+Leases whose `containerd.io/gc.expire` time has passed are removed by the garbage collector
+(plugins/metadata/gc.py, scheduled by plugins/gc, which wakes up for the next expiry), not here.
+Deleting a lease, or a resource from one, marks the metadata database dirty so a collection
+follows; Delete with sync waits for that collection, as containerd's does. The ingests only the
+deleted lease held go with it (containerd collects them once their lease is gone).
+"""
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from dataclasses import dataclass
+from typing import Any
 
-import structlog
 from betterproto.lib.google.protobuf import Empty
 
 from pycontainerd.api.gen.containerd.services.leases import v1 as api
 from pycontainerd.core.context import namespace
 from pycontainerd.core.plugin import InitContext, PluginType, Registration, hookimpl
+from pycontainerd.plugins.metadata.gc import drop_unleased_ingests, ingests_only_in
 from pycontainerd.plugins.metadata.leases import Lease, LeaseStore, Resource
-
-log = structlog.get_logger(__name__)
-
-
-@dataclass
-class ManagerConfig:
-    expiry_check_interval: float = 10.0
-    """Seconds between two sweeps for expired leases."""
 
 
 class LeaseManager:
-    """Leases of the request's namespace, over the metadata store."""
+    """Leases of the request's namespace, over the metadata store; `gc` is the GC scheduler."""
 
-    def __init__(self, store: LeaseStore, interval: float):
+    def __init__(self, store: LeaseStore, gc: Any):
         self.store = store
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep(interval))
-
-    async def _sweep(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                for ns, lease_id in self.store.delete_expired():
-                    log.info("lease expired", namespace=ns, lease=lease_id)
-            except Exception:
-                log.warning("expired lease sweep failed", exc_info=True)
-
-    async def close(self) -> None:
-        self._sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._sweeper
+        self.gc = gc
 
     def create(self, lease_id: str, labels: dict[str, str]) -> Lease:
         return self.store.create(namespace(), lease_id, labels)
 
-    def delete(self, lease_id: str) -> None:
-        self.store.delete(namespace(), lease_id)
+    async def delete(self, lease_id: str, sync: bool = False) -> None:
+        """Delete the lease; with `sync`, return after a collection that started afterwards."""
+        ns = namespace()
+        db = self.store.db
+        orphans = ingests_only_in(db, ns, lease_id)
+        self.store.delete(ns, lease_id)
+        drop_unleased_ingests(db, ns, orphans)
+        db.mark_dirty()
+        if sync:
+            await self.gc.schedule_and_wait()
 
     def list(self, filters: list[str]) -> list[Lease]:
         return self.store.list(namespace(), filters)
@@ -58,6 +49,7 @@ class LeaseManager:
 
     def delete_resource(self, lease_id: str, resource: Resource) -> None:
         self.store.delete_resource(namespace(), lease_id, resource)
+        self.store.db.mark_dirty()
 
     def list_resources(self, lease_id: str) -> list[Resource]:
         return self.store.list_resources(namespace(), lease_id)
@@ -75,7 +67,7 @@ class LeasesService(api.LeasesBase):
         return api.CreateResponse(lease=_pb(self.manager.create(request.id, dict(request.labels))))
 
     async def delete(self, request: api.DeleteRequest) -> Empty:
-        self.manager.delete(request.id)
+        await self.manager.delete(request.id, sync=request.sync)
         return Empty()
 
     async def list(self, request: api.ListRequest) -> api.ListResponse:
@@ -95,11 +87,7 @@ class LeasesService(api.LeasesBase):
 
 
 async def init_manager(ctx: InitContext) -> LeaseManager:
-    return LeaseManager(ctx.get(PluginType.METADATA).leases, ctx.config.expiry_check_interval)
-
-
-async def close_manager(manager: LeaseManager) -> None:
-    await manager.close()
+    return LeaseManager(ctx.get(PluginType.METADATA).leases, ctx.get(PluginType.GC))
 
 
 async def init_service(ctx: InitContext) -> LeasesService:
@@ -108,6 +96,6 @@ async def init_service(ctx: InitContext) -> LeasesService:
 
 @hookimpl
 def pycontainerd_register(registry):
-    registry.register(Registration(PluginType.LEASE, "manager", init_manager, requires=(PluginType.METADATA,),
-                                   config=ManagerConfig, close=close_manager))
+    registry.register(Registration(PluginType.LEASE, "manager", init_manager,
+                                   requires=(PluginType.METADATA, PluginType.GC)))
     registry.register(Registration(PluginType.GRPC, "leases", init_service, requires=(PluginType.LEASE,)))
