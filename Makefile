@@ -4,7 +4,7 @@
 PY ?= python3
 VENV := .venv
 APT_PACKAGES := containerd runc busybox-static golang-github-containerd-containerd-dev \
-	golang-github-containerd-ttrpc-dev protobuf-compiler
+	golang-github-containerd-ttrpc-dev protobuf-compiler pigz
 
 .PHONY: setup demo test test-fast
 

@@ -23,6 +23,7 @@ from pycontainerd.core.context import DEFAULT_NAMESPACE
 from ._base import DEFAULT, Connection, ServiceAPI
 from .containers import ContainersAPI
 from .content import ContentAPI
+from .diff import DiffAPI
 from .events import EventsAPI
 from .leases import LeasesAPI
 from .namespaces import NamespacesAPI
@@ -68,6 +69,7 @@ class Client:
         self.containers = ContainersAPI(self)
         self.tasks = TasksAPI(self)
         self.content = ContentAPI(self)
+        self.diff = DiffAPI(self)
 
     @property
     def address(self) -> str:
