@@ -25,6 +25,7 @@ from .containers import ContainersAPI
 from .content import ContentAPI
 from .diff import DiffAPI
 from .events import EventsAPI
+from .images import ImagesAPI
 from .leases import LeasesAPI
 from .namespaces import NamespacesAPI
 from .snapshots import SnapshotsAPI
@@ -70,6 +71,7 @@ class Client:
         self.tasks = TasksAPI(self)
         self.content = ContentAPI(self)
         self.diff = DiffAPI(self)
+        self.images = ImagesAPI(self)
 
     @property
     def address(self) -> str:
