@@ -306,3 +306,22 @@ async def test_prune_removes_unreferenced_backend_snapshots(sn, db, backend):
     removed = await sn.prune()
     assert removed == ["orphan-child", "orphan-parent"]
     assert [i.name for i in await backend.walk()] == list(sn.backend_keys())
+
+
+async def test_nasty_keys_namespaced(sn, db, backend):
+    with ns("nasty"):
+        with pytest.raises(errdefs.InvalidArgument):
+            await sn.prepare("", "")
+        with pytest.raises(errdefs.InvalidArgument):
+            await sn.commit("", "x")
+        keys = ["../x", "../../etc/passwd", "a/b/c", "k" * 4096, "sp ace\ttab", "ns/1/key"]
+        for key in keys:
+            await sn.prepare(key, "")
+            await sn.commit(key + "-c", key)
+        assert sorted(i.name for i in await sn.walk()) == sorted(k + "-c" for k in keys)
+        for m in [await sn.prepare("child", "../x-c")]:
+            assert all(x.source.startswith(backend.root) for x in m)
+        await sn.remove("child")
+        for key in keys:
+            await sn.remove(key + "-c")
+    assert os.listdir(os.path.join(backend.root, "snapshots")) == []
