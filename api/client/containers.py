@@ -6,12 +6,14 @@ client's namespace, and `Container`, the plain record they return.
         runtime=RuntimeInfo("io.containerd.runc.v2"), spec=oci.spec_any(spec)))
     await client.containers.set_labels("web", {"tier": "front"})
 
-A record is metadata only: running it is `client.tasks` (see tasks.py); building a container
-from an image (snapshot, spec, labels as ctr does) is `new_container` in run.py's terms,
-exposed here as `ContainersAPI.new`. Owns nothing on the server side.
+A record is metadata only: running it is `client.tasks` (see tasks.py). `new_container(...)`
+builds one from an image as ctr does (unpack if needed, snapshot prepared under a lease,
+labels, spec from oci.py); `remove_container(...)` deletes one with its snapshot, refusing while
+it has a task. Owns nothing on the server side.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from dataclasses import dataclass, field, replace
@@ -196,5 +198,138 @@ def spec_any(spec: Mapping[str, Any]) -> AnyMessage:
                       value=json.dumps(spec, separators=(",", ":"), ensure_ascii=False).encode())
 
 
-def with_runtime(container: Container, name: str, options: Optional[AnyMessage] = None) -> Container:
-    return replace(container, runtime=RuntimeInfo(name, options))
+# -- containers from images, as ctr makes them -------------------------------------------------
+
+DEFAULT_RUNTIME = "io.containerd.runc.v2"
+RUNC_V2 = "io.containerd.runc.v2"
+RUNC_OPTIONS_TYPE_URL = "containerd.runc.v1.Options"
+
+
+def runc_options(binary_name: str = "", root: str = "", systemd_cgroup: bool = False) -> AnyMessage:
+    """runc's runtime options (containerd.runc.v1.Options) packed as ctr packs them for
+    io.containerd.runc.v2 (an empty message unless something is set)."""
+    from pycontainerd.api.gen.containerd.runc import v1 as runc_api
+
+    opts = runc_api.Options(binary_name=binary_name, root=root, systemd_cgroup=systemd_cgroup)
+    return _on_wire(AnyMessage(type_url=RUNC_OPTIONS_TYPE_URL, value=bytes(opts)))
+
+
+def _valid_label(key: str, value: str) -> bool:
+    from pycontainerd.core import identifiers
+
+    try:
+        identifiers.validate_label(key, value)
+        return True
+    except errdefs.InvalidArgument:
+        return False
+
+
+SpecBuilder = Any
+"""A list of oci SpecOpts applied after the defaults and the image config, or a callable
+`(image_config: Optional[oci.ImageConfig]) -> list[SpecOpt]` giving the whole list."""
+
+
+async def new_container(client: Any, container_id: str, *, image: str = "", rootfs: str = "",
+                        spec_opts: SpecBuilder = (), labels: Optional[Mapping[str, str]] = None,
+                        runtime: str = DEFAULT_RUNTIME, runtime_options: Optional[AnyMessage] = None,
+                        snapshotter: str = "", snapshot_labels: Optional[Mapping[str, str]] = None,
+                        platform: str = "", unpack: bool = True) -> Container:
+    """Create container `container_id` the way `ctr run`/`ctr containers create` does.
+
+    From `image` (a name in the images service): the image is unpacked into `snapshotter` if it
+    is not yet; an active snapshot named after the container is prepared on its top layer under
+    a temporary lease (24h, deleted once the record holds the snapshot); labels are the image
+    config's, the image record's, `labels`, and the stop signal label; the spec is containerd's
+    default with the default devices, then `spec_opts` (see SpecBuilder), generated against the
+    snapshot (for users and groups). With `rootfs` (an absolute host path) instead, no image and
+    no snapshot are involved and the labels are just `labels`.
+
+    On failure nothing is left behind but what the lease held (collected with it)."""
+    from . import oci
+    from .transfer import platforms as plat
+    from .transfer.unpack import DEFAULT_SNAPSHOTTER, chain_ids, resolve_image
+    from .transfer.unpack import unpack as unpack_image
+    from .transfer._services import Services
+    from .transfer.mediatypes import Descriptor
+
+    if bool(image) == bool(rootfs):
+        raise errdefs.InvalidArgument("exactly one of image and rootfs must be given")
+    ctx = oci.SpecContext(namespace=client.namespace, id=container_id)
+    record = Container(id=container_id, runtime=RuntimeInfo(runtime, runtime_options))
+
+    def build(image_config: Optional["oci.ImageConfig"]) -> list:
+        if callable(spec_opts):
+            return list(spec_opts(image_config))
+        base = [oci.with_default_unix_devices]
+        if image_config is not None:
+            base.append(oci.with_image_config(image_config))
+        else:
+            base.append(oci.with_rootfs_path(rootfs))
+        return base + list(spec_opts)
+
+    async with Services(client) as svc, svc.leased(sync_on_error=False) as leased:
+        if rootfs:
+            record.labels = dict(labels or {})
+            spec = await asyncio.to_thread(oci.generate_spec, ctx, *build(None))
+        else:
+            snapshotter = snapshotter or DEFAULT_SNAPSHOTTER
+            matcher = plat.only(plat.parse(platform)) if platform else plat.Matcher([plat.default()])
+            img = await leased.image_get(image)
+            target = img.target if isinstance(img.target, Descriptor) else Descriptor.from_proto(img.target)
+            resolved = await resolve_image(leased, target, matcher)
+            chain = chain_ids(resolved.diff_ids)
+            parent = chain[-1] if chain else ""
+            if parent and unpack:
+                try:
+                    await leased.snapshot_stat(snapshotter, parent)
+                except errdefs.NotFound:
+                    await unpack_image(leased, target, matcher, snapshotter)
+            config = oci.ImageConfig.from_document(resolved.config_doc)
+            merged = dict(config.labels)
+            merged.update({k: v for k, v in (getattr(img, "labels", None) or {}).items() if _valid_label(k, v)})
+            merged.update(labels or {})
+            merged[oci.STOP_SIGNAL_LABEL] = config.stop_signal or "SIGTERM"
+            record.labels = merged
+            record.image = image
+            record.snapshotter = snapshotter
+            mounts = await leased.snapshot_prepare(snapshotter, container_id, parent, dict(snapshot_labels or {}))
+            record.snapshot_key = container_id
+            ctx.snapshotter, ctx.snapshot_key, ctx.mounts = snapshotter, container_id, mounts
+            try:
+                spec = await asyncio.to_thread(oci.generate_spec, ctx, *build(config))
+                record.spec = AnyMessage(type_url=SPEC_TYPE_URL, value=oci.spec_bytes(spec))
+                return await ContainersAPI(client).create(record)
+            except BaseException:
+                try:
+                    await leased.snapshot_remove(snapshotter, container_id)
+                except errdefs.ContainerdError:
+                    pass
+                raise
+        record.spec = AnyMessage(type_url=SPEC_TYPE_URL, value=oci.spec_bytes(spec))
+        return await ContainersAPI(client).create(record)
+
+
+async def remove_container(client: Any, container_id: str, *, snapshot_cleanup: bool = True) -> None:
+    """Delete a container as ctr's `containers rm` does: refused while it has a task
+    (FailedPrecondition), its snapshot removed too unless snapshot_cleanup=False."""
+    from .tasks import TasksAPI
+
+    try:
+        await TasksAPI(client).get(container_id)
+    except errdefs.NotFound:
+        pass
+    except errdefs.Unimplemented:
+        pass
+    else:
+        raise errdefs.FailedPrecondition(f"cannot delete running task {container_id}")
+    c = await ContainersAPI(client).get(container_id)
+    if snapshot_cleanup and c.snapshot_key:
+        if not c.snapshotter:
+            raise errdefs.InvalidArgument("container.Snapshotter must be set to cleanup rootfs snapshot")
+        from .snapshots import SnapshotsAPI
+
+        try:
+            await SnapshotsAPI(client).remove(c.snapshot_key, snapshotter=c.snapshotter)
+        except errdefs.NotFound:
+            pass
+    await ContainersAPI(client).delete(container_id)

@@ -30,6 +30,7 @@ from pycontainerd.api.gen.containerd import types as ctypes
 from pycontainerd.api.gen.containerd.services.tasks import v1 as api
 from pycontainerd.api.gen.containerd.v1 import types as v1types
 from pycontainerd.core import errdefs
+from pycontainerd.core.mount import Mount
 
 from . import cio
 from ._base import DEFAULT, ServiceAPI
@@ -44,21 +45,9 @@ def _ts(value: Optional[datetime]) -> Optional[datetime]:
     return None if value is None or value == _EPOCH else value
 
 
-@dataclass(frozen=True)
-class Mount:
-    """A mount as containerd passes them (rootfs of a task, snapshot mounts)."""
-
-    type: str
-    source: str
-    options: tuple[str, ...] = ()
-    target: str = ""
-
-    @classmethod
-    def from_proto(cls, m: ctypes.Mount) -> "Mount":
-        return cls(m.type, m.source, tuple(m.options), m.target)
-
-    def to_proto(self) -> ctypes.Mount:
-        return ctypes.Mount(type=self.type, source=self.source, target=self.target, options=list(self.options))
+def _mount_pb(m: Any) -> ctypes.Mount:
+    m = Mount.from_any(m)
+    return ctypes.Mount(type=m.type, source=m.source, target=m.target, options=list(m.options))
 
 
 @dataclass(frozen=True)
@@ -156,11 +145,11 @@ def _pack(type_url: str, obj: Any) -> AnyMessage:
 class TasksAPI(ServiceAPI):
     stub_class = api.TasksStub
 
-    async def create(self, container_id: str, *, rootfs: Sequence[Mount] = (), io: cio.IOConfig = cio.IOConfig(),
+    async def create(self, container_id: str, *, rootfs: Sequence[Any] = (), io: cio.IOConfig = cio.IOConfig(),
                      options: Optional[AnyMessage] = None, checkpoint: Optional[ctypes.Descriptor] = None,
                      runtime_path: str = "", timeout: Any = DEFAULT) -> int:
         """Create the task of `container_id` (its init process, not started); returns its pid."""
-        req = api.CreateTaskRequest(container_id=container_id, rootfs=[m.to_proto() for m in rootfs],
+        req = api.CreateTaskRequest(container_id=container_id, rootfs=[_mount_pb(m) for m in rootfs],
                                     stdin=io.stdin, stdout=io.stdout, stderr=io.stderr, terminal=io.terminal,
                                     runtime_path=runtime_path)
         if options is not None:
@@ -335,7 +324,7 @@ class Process:
         return result
 
 
-async def new_task(tasks: TasksAPI, container_id: str, io: cio.IO, *, rootfs: Sequence[Mount] = (),
+async def new_task(tasks: TasksAPI, container_id: str, io: cio.IO, *, rootfs: Sequence[Any] = (),
                    options: Optional[AnyMessage] = None) -> Process:
     """Create the task of a container with `io` (closed again if the create fails)."""
     try:
@@ -357,3 +346,104 @@ async def exec_process(tasks: TasksAPI, container_id: str, exec_id: str, process
         io.close()
         raise
     return Process(tasks, container_id, exec_id, io=io)
+
+
+# -- cgroups metrics (the Any in a Metric's data) ---------------------------------------------
+# The subset of containerd/cgroups' stats messages pyctr shows; other fields are skipped when
+# parsing. Field numbers are those of io.containerd.cgroups.v1.Metrics / .v2.Metrics.
+
+@dataclass(eq=False, repr=False)
+class _PidsStat(betterproto.Message):
+    current: int = betterproto.uint64_field(1)
+    limit: int = betterproto.uint64_field(2)
+
+
+@dataclass(eq=False, repr=False)
+class _CPUUsageV1(betterproto.Message):
+    total: int = betterproto.uint64_field(1)
+    kernel: int = betterproto.uint64_field(2)
+    user: int = betterproto.uint64_field(3)
+    per_cpu: list[int] = betterproto.uint64_field(4)
+
+
+@dataclass(eq=False, repr=False)
+class _ThrottleV1(betterproto.Message):
+    periods: int = betterproto.uint64_field(1)
+    throttled_periods: int = betterproto.uint64_field(2)
+    throttled_time: int = betterproto.uint64_field(3)
+
+
+@dataclass(eq=False, repr=False)
+class _CPUStatV1(betterproto.Message):
+    usage: _CPUUsageV1 = betterproto.message_field(1)
+    throttling: _ThrottleV1 = betterproto.message_field(2)
+
+
+@dataclass(eq=False, repr=False)
+class _MemoryEntryV1(betterproto.Message):
+    limit: int = betterproto.uint64_field(1)
+    usage: int = betterproto.uint64_field(2)
+    max: int = betterproto.uint64_field(3)
+    failcnt: int = betterproto.uint64_field(4)
+
+
+@dataclass(eq=False, repr=False)
+class _MemoryStatV1(betterproto.Message):
+    cache: int = betterproto.uint64_field(1)
+    rss: int = betterproto.uint64_field(2)
+    total_cache: int = betterproto.uint64_field(18)
+    total_rss: int = betterproto.uint64_field(19)
+    usage: _MemoryEntryV1 = betterproto.message_field(33)
+    swap: _MemoryEntryV1 = betterproto.message_field(34)
+    kernel: _MemoryEntryV1 = betterproto.message_field(35)
+    kernel_tcp: _MemoryEntryV1 = betterproto.message_field(36)
+
+
+@dataclass(eq=False, repr=False)
+class CgroupsV1Metrics(betterproto.Message):
+    pids: _PidsStat = betterproto.message_field(2)
+    cpu: _CPUStatV1 = betterproto.message_field(3)
+    memory: _MemoryStatV1 = betterproto.message_field(4)
+
+
+@dataclass(eq=False, repr=False)
+class _CPUStatV2(betterproto.Message):
+    usage_usec: int = betterproto.uint64_field(1)
+    user_usec: int = betterproto.uint64_field(2)
+    system_usec: int = betterproto.uint64_field(3)
+    nr_periods: int = betterproto.uint64_field(4)
+    nr_throttled: int = betterproto.uint64_field(5)
+    throttled_usec: int = betterproto.uint64_field(6)
+
+
+@dataclass(eq=False, repr=False)
+class _MemoryStatV2(betterproto.Message):
+    anon: int = betterproto.uint64_field(1)
+    file: int = betterproto.uint64_field(2)
+    usage: int = betterproto.uint64_field(32)
+    usage_limit: int = betterproto.uint64_field(33)
+    swap_usage: int = betterproto.uint64_field(34)
+    swap_limit: int = betterproto.uint64_field(35)
+
+
+@dataclass(eq=False, repr=False)
+class CgroupsV2Metrics(betterproto.Message):
+    pids: _PidsStat = betterproto.message_field(1)
+    cpu: _CPUStatV2 = betterproto.message_field(2)
+    memory: _MemoryStatV2 = betterproto.message_field(4)
+
+
+CGROUPS_V1_METRICS = "io.containerd.cgroups.v1.Metrics"
+CGROUPS_V2_METRICS = "io.containerd.cgroups.v2.Metrics"
+
+
+def decode_metrics(data: Optional[AnyMessage]) -> Optional[betterproto.Message]:
+    """The cgroups metrics inside a Metric's data (v1 or v2), or None for anything else."""
+    if data is None or not data.type_url:
+        return None
+    name = data.type_url.rsplit("/", 1)[-1]
+    if name == CGROUPS_V1_METRICS:
+        return CgroupsV1Metrics().parse(data.value)
+    if name == CGROUPS_V2_METRICS:
+        return CgroupsV2Metrics().parse(data.value)
+    return None
