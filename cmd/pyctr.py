@@ -240,7 +240,9 @@ def _command(sub, name: str, func: Callable, help: str, aliases: tuple = ()) -> 
 
 COMMAND_MODULES: tuple[str, ...] = ("pycontainerd.cmd.pyctr_snapshots", "pycontainerd.cmd.pyctr_content",
                                      "pycontainerd.cmd.pyctr_images",
-                                     "pycontainerd.cmd.pyctr_transfer")
+                                     "pycontainerd.cmd.pyctr_transfer",
+                                     "pycontainerd.cmd.pyctr_containers", "pycontainerd.cmd.pyctr_tasks",
+                                     "pycontainerd.cmd.pyctr_run")
 """Modules adding command groups: each has `register(sub)`, building its parsers with
 `_group`/`_command`/`_add_format` from this module and setting `func` to an async
 `(client, args)` command."""
