@@ -59,6 +59,16 @@ def _remote(args: argparse.Namespace) -> RemoteOptions:
 
 # -- commands ----------------------------------------------------------------------------------
 
+def _with_services(func):
+    """Run `func(svc, args)` with a Services over the client, closed afterwards."""
+    async def command(client: Client, args: argparse.Namespace) -> None:
+        async with Services(client) as svc:
+            await func(svc, args)
+    command.__name__ = func.__name__
+    command.__doc__ = func.__doc__
+    return command
+
+
 async def _unpack_images(svc: Services, images: list, matcher: plat.Matcher, snapshotter: str,
                          progress: Progress) -> None:
     for img in images:
@@ -68,8 +78,8 @@ async def _unpack_images(svc: Services, images: list, matcher: plat.Matcher, sna
         print("done", flush=True)
 
 
-async def cmd_import(client: Client, args: argparse.Namespace) -> None:
-    svc = Services(client)
+@_with_services
+async def cmd_import(svc: Services, args: argparse.Namespace) -> None:
     options = archive.ImportOptions(base_name=args.base_name, digests=args.digests,
                                     skip_digest_for_named=args.skip_digest_for_named,
                                     index_name=args.index_name, all_platforms=args.all_platforms,
@@ -104,10 +114,10 @@ async def cmd_import(client: Client, args: argparse.Namespace) -> None:
         await _unpack_images(svc, images, matcher, args.snapshotter, Progress())
 
 
-async def cmd_export(client: Client, args: argparse.Namespace) -> None:
+@_with_services
+async def cmd_export(svc: Services, args: argparse.Namespace) -> None:
     if not args.output or not args.images:
         raise errdefs.InvalidArgument("please provide both an output filename and an image reference to export")
-    svc = Services(client)
     options = archive.ExportOptions(platforms=args.platform, all_platforms=args.all_platforms,
                                     skip_manifest_json=args.skip_manifest_json,
                                     skip_non_distributable=args.skip_non_distributable)
@@ -140,10 +150,10 @@ async def cmd_export(client: Client, args: argparse.Namespace) -> None:
                 pass
 
 
-async def cmd_pull(client: Client, args: argparse.Namespace) -> None:
+@_with_services
+async def cmd_pull(svc: Services, args: argparse.Namespace) -> None:
     if not args.ref:
         raise errdefs.InvalidArgument("please provide an image reference to pull")
-    svc = Services(client)
     options = PullOptions(platforms=args.platform, all_platforms=args.all_platforms,
                           labels=label_args(args.label), snapshotter=args.snapshotter,
                           max_concurrent_downloads=args.max_concurrent_downloads or 3)
@@ -185,10 +195,10 @@ def _go_duration(seconds: float) -> str:
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
-async def cmd_push(client: Client, args: argparse.Namespace) -> None:
+@_with_services
+async def cmd_push(svc: Services, args: argparse.Namespace) -> None:
     if not args.remote:
         raise errdefs.InvalidArgument("please provide a remote image reference to push")
-    svc = Services(client)
     if args.manifest:
         from pycontainerd.core import digest as digests
         from pycontainerd.api.client.transfer.mediatypes import Descriptor
@@ -215,8 +225,8 @@ async def cmd_push(client: Client, args: argparse.Namespace) -> None:
         await push(svc, args.remote, target, _remote(args), options, progress)
 
 
-async def cmd_unpack(client: Client, args: argparse.Namespace) -> None:
-    svc = Services(client)
+@_with_services
+async def cmd_unpack(svc: Services, args: argparse.Namespace) -> None:
     matcher = plat.Matcher([plat.parse(args.platform)]) if args.platform else plat.Matcher([plat.default()])
     images = [await svc.image_get(name) for name in args.images]
     await _unpack_images(svc, images, matcher, args.snapshotter, Progress())

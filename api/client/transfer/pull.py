@@ -175,7 +175,7 @@ class _Fetcher:
         self.progress.start(key, desc.size, "downloading")
         self.progress.set(key, w.offset)
         attempts = 0
-        while w.offset < desc.size or attempts == 0:
+        while w.offset < desc.size:
             start = w.offset
             resp = await self.registry.open(desc, start)
             skip = resp.extensions.get("skip", 0)

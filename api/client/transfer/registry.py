@@ -30,6 +30,15 @@ from .reference import Spec, parse_spec
 
 log = logging.getLogger("pycontainerd.transfer.registry")
 
+# httpcore reads an HTTP/1.1 body 64 KiB at a time; blobs move 16 times faster in CPU terms with
+# 1 MiB reads (it is a buffer size: a smaller read still returns as soon as data is there).
+try:
+    from httpcore._async.http11 import AsyncHTTP11Connection as _H11
+    if getattr(_H11, "READ_NUM_BYTES", 0) < (1 << 20):
+        _H11.READ_NUM_BYTES = 1 << 20
+except ImportError:  # pragma: no cover - a different httpcore layout: keep its default
+    pass
+
 USER_AGENT = "pycontainerd/0.1"
 MANIFEST_ACCEPT = ", ".join([mt.DOCKER_MANIFEST, mt.DOCKER_MANIFEST_LIST, mt.OCI_MANIFEST,
                              mt.OCI_INDEX, "*/*"])
