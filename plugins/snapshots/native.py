@@ -143,14 +143,13 @@ class NativeSnapshotter(Snapshotter):
     def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str] | None) -> list[Mount]:
         check_key(key)
         labels = dict(labels or {})
-        needs_dir = kind == Kind.ACTIVE or not parent
+        needs_dir = kind == Kind.ACTIVE or not parent  # a view of a parent binds the parent's dir
         copied_from = ""
-        if needs_dir or parent:
-            with self.ms.read() as tx:  # fail fast, before any copying
-                if parent:
-                    copied_from = tx.check_parent(parent)
-                if tx.exists(key):
-                    raise errdefs.AlreadyExists(f"snapshot {key}")
+        with self.ms.read() as tx:  # fail fast, before any copying
+            if parent:
+                copied_from = tx.check_parent(parent)
+            if tx.exists(key):
+                raise errdefs.AlreadyExists(f"snapshot {key}")
         td = path = ""
         try:
             if needs_dir:
