@@ -62,6 +62,15 @@ def expiry(lease: Lease) -> datetime | None:
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
+MAX_LEASE_ID = 1024
+
+
+def check_lease_id(lease_id: str) -> None:
+    if len(lease_id) > MAX_LEASE_ID or not lease_id.isprintable():
+        raise errdefs.InvalidArgument(f"lease id {go_quote(lease_id[:80])} must be printable and at most "
+                                      f"{MAX_LEASE_ID} characters")
+
+
 def random_id() -> str:
     """containerd's random lease id shape ("<nanoseconds>-<random>"), kept a valid identifier."""
     return f"{time.time_ns() % 1_000_000_000}-{secrets.token_hex(3)}"
@@ -72,9 +81,13 @@ class LeaseStore:
         self.db = db
 
     def create(self, namespace: str, lease_id: str, labels: dict[str, str] | None = None) -> Lease:
-        """Create a lease; an empty id gets a random one as containerd's service gives."""
+        """Create a lease; an empty id gets a random one as containerd's service gives.
+
+        Lease ids are not identifiers: ctr makes them client-side as "<ns>-<base64url>", which may
+        hold "_" or end in "-". Like containerd we take any id; ours must also be printable and
+        bounded, since it never names a file."""
         lease_id = lease_id or random_id()
-        identifiers.validate(lease_id)
+        check_lease_id(lease_id)
         labels = {k: v for k, v in (labels or {}).items() if v}
         identifiers.validate_labels(labels)
         with self.db.write() as cur:

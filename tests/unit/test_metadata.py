@@ -112,6 +112,18 @@ def test_bad_resources(db, resource, error):
     assert leases.list_resources("ns", "l1") == []
 
 
+@pytest.mark.parametrize("lease_id", ["427717452-9bi_", "580839159-RX_-", "with space", "a" * 200])
+def test_lease_ids_as_ctr_makes_them(db, lease_id):
+    assert LeaseStore(db).create("ns", lease_id).id == lease_id
+
+
+@pytest.mark.parametrize("lease_id", ["bad\nline", "nul\x00", "x" * 1025])
+def test_bad_lease_ids_write_nothing(db, lease_id):
+    with pytest.raises(errdefs.InvalidArgument):
+        LeaseStore(db).create("ns", lease_id)
+    assert db.read("SELECT * FROM leases") == []
+
+
 def test_resource_on_missing_lease(db):
     with pytest.raises(errdefs.NotFound):
         LeaseStore(db).add_resource("ns", "nope", Resource("k", "ingests"))
