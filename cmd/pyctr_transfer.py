@@ -19,13 +19,22 @@ import time
 from typing import Any
 
 from pycontainerd.api.client import Client, errdefs
-from pycontainerd.api.client.transfer import archive, busybox, platforms as plat
-from pycontainerd.api.client.transfer._services import Services
-from pycontainerd.api.client.transfer.progress import Progress, TerminalProgress
-from pycontainerd.api.client.transfer.pull import PullOptions, fetch, image_platforms
-from pycontainerd.api.client.transfer.push import PushOptions, push, select_platform_manifest
-from pycontainerd.api.client.transfer.registry import RemoteOptions
-from pycontainerd.api.client.transfer.unpack import DEFAULT_SNAPSHOTTER, resolve_manifest, unpack
+
+# The transfer package (and httpx under it) is imported when one of these commands runs, so
+# the rest of pyctr does not pay for it at start-up.
+BUSYBOX_NAME = "docker.io/library/busybox:latest"
+DEFAULT_SNAPSHOTTER = "overlayfs"
+
+
+def _lazy() -> tuple:
+    from pycontainerd.api.client.transfer import archive, busybox
+    from pycontainerd.api.client.transfer import platforms as plat
+    from pycontainerd.api.client.transfer.progress import Progress
+    from pycontainerd.api.client.transfer.pull import PullOptions, fetch, image_platforms
+    from pycontainerd.api.client.transfer.push import PushOptions, push, select_platform_manifest
+    from pycontainerd.api.client.transfer.unpack import unpack
+    return (archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest,
+            unpack, PullOptions, PushOptions)
 
 from .pyctr_output import label_args
 
@@ -34,7 +43,8 @@ def _default_snapshotter() -> str:
     return os.environ.get("CONTAINERD_SNAPSHOTTER") or DEFAULT_SNAPSHOTTER
 
 
-def _progress(args: argparse.Namespace, title: str = "") -> Progress:
+def _progress(args: argparse.Namespace, title: str = "") -> Any:
+    from pycontainerd.api.client.transfer.progress import Progress, TerminalProgress
     if getattr(args, "quiet", False) or getattr(args, "debug", False):
         return Progress()
     if TerminalProgress.wanted(sys.stderr):
@@ -42,7 +52,8 @@ def _progress(args: argparse.Namespace, title: str = "") -> Progress:
     return Progress()
 
 
-def _remote(args: argparse.Namespace) -> RemoteOptions:
+def _remote(args: argparse.Namespace) -> Any:
+    from pycontainerd.api.client.transfer.registry import RemoteOptions
     user = args.user or ""
     if user and ":" not in user:
         if not sys.stdin.isatty():
@@ -62,6 +73,7 @@ def _remote(args: argparse.Namespace) -> RemoteOptions:
 def _with_services(func):
     """Run `func(svc, args)` with a Services over the client, closed afterwards."""
     async def command(client: Client, args: argparse.Namespace) -> None:
+        from pycontainerd.api.client.transfer._services import Services
         async with Services(client) as svc:
             await func(svc, args)
     command.__name__ = func.__name__
@@ -69,8 +81,8 @@ def _with_services(func):
     return command
 
 
-async def _unpack_images(svc: Services, images: list, matcher: plat.Matcher, snapshotter: str,
-                         progress: Progress) -> None:
+async def _unpack_images(svc: Any, images: list, matcher: Any, snapshotter: str, progress: Any) -> None:
+    from pycontainerd.api.client.transfer.unpack import unpack
     for img in images:
         sys.stdout.write(f"unpacking {img.name} ({img.target.digest})...")
         sys.stdout.flush()
@@ -79,7 +91,8 @@ async def _unpack_images(svc: Services, images: list, matcher: plat.Matcher, sna
 
 
 @_with_services
-async def cmd_import(svc: Services, args: argparse.Namespace) -> None:
+async def cmd_import(svc: Any, args: argparse.Namespace) -> None:
+    archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack, PullOptions, PushOptions = _lazy()
     options = archive.ImportOptions(base_name=args.base_name, digests=args.digests,
                                     skip_digest_for_named=args.skip_digest_for_named,
                                     index_name=args.index_name, all_platforms=args.all_platforms,
@@ -115,7 +128,8 @@ async def cmd_import(svc: Services, args: argparse.Namespace) -> None:
 
 
 @_with_services
-async def cmd_export(svc: Services, args: argparse.Namespace) -> None:
+async def cmd_export(svc: Any, args: argparse.Namespace) -> None:
+    archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack, PullOptions, PushOptions = _lazy()
     if not args.output or not args.images:
         raise errdefs.InvalidArgument("please provide both an output filename and an image reference to export")
     options = archive.ExportOptions(platforms=args.platform, all_platforms=args.all_platforms,
@@ -151,7 +165,8 @@ async def cmd_export(svc: Services, args: argparse.Namespace) -> None:
 
 
 @_with_services
-async def cmd_pull(svc: Services, args: argparse.Namespace) -> None:
+async def cmd_pull(svc: Any, args: argparse.Namespace) -> None:
+    archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack, PullOptions, PushOptions = _lazy()
     if not args.ref:
         raise errdefs.InvalidArgument("please provide an image reference to pull")
     options = PullOptions(platforms=args.platform, all_platforms=args.all_platforms,
@@ -196,7 +211,8 @@ def _go_duration(seconds: float) -> str:
 
 
 @_with_services
-async def cmd_push(svc: Services, args: argparse.Namespace) -> None:
+async def cmd_push(svc: Any, args: argparse.Namespace) -> None:
+    archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack, PullOptions, PushOptions = _lazy()
     if not args.remote:
         raise errdefs.InvalidArgument("please provide a remote image reference to push")
     if args.manifest:
@@ -226,13 +242,15 @@ async def cmd_push(svc: Services, args: argparse.Namespace) -> None:
 
 
 @_with_services
-async def cmd_unpack(svc: Services, args: argparse.Namespace) -> None:
+async def cmd_unpack(svc: Any, args: argparse.Namespace) -> None:
+    archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack, PullOptions, PushOptions = _lazy()
     matcher = plat.Matcher([plat.parse(args.platform)]) if args.platform else plat.Matcher([plat.default()])
     images = [await svc.image_get(name) for name in args.images]
     await _unpack_images(svc, images, matcher, args.snapshotter, Progress())
 
 
 async def cmd_busybox(client: Client, args: argparse.Namespace) -> None:
+    from pycontainerd.api.client.transfer import busybox
     img = busybox.build(args.name, args.busybox_binary or None)
     if args.output == "-":
         sys.stdout.buffer.write(img.archive)
@@ -300,8 +318,8 @@ def register(sub) -> None:
     p.add_argument("--compress-blobs", action="store_true",
                    help="compress uncompressed blobs when creating manifest (Docker format only)")
     p.add_argument("--busybox", action="store_true", help="import the embedded busybox image")
-    p.add_argument("--busybox-name", default=busybox.DEFAULT_NAME,
-                   help=f"name of the embedded busybox image (default: {busybox.DEFAULT_NAME})")
+    p.add_argument("--busybox-name", default=BUSYBOX_NAME,
+                   help=f"name of the embedded busybox image (default: {BUSYBOX_NAME})")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     _snapshotter_flag(p)
 
@@ -351,5 +369,5 @@ def register(sub) -> None:
 
     p = add("busybox", cmd_busybox, "write the embedded busybox image as an OCI archive")
     p.add_argument("output", metavar="OUT", help="the archive to write ('-' for stdout)")
-    p.add_argument("--name", default=busybox.DEFAULT_NAME, help="the image name recorded in the archive")
+    p.add_argument("--name", default=BUSYBOX_NAME, help="the image name recorded in the archive")
     p.add_argument("--busybox-binary", default="", help="the static busybox to use (default: found on PATH)")

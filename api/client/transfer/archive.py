@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
+
 import json
 import posixpath
 import re
 import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Optional
+from typing import Any, BinaryIO, Optional
 
 from pycontainerd.core import digest as digests
 from pycontainerd.core import errdefs
@@ -476,7 +476,7 @@ async def import_archive(svc: Services, fileobj: BinaryIO, options: Optional[Imp
             data = ingest.index
             index = Descriptor(mt.OCI_INDEX, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
             mt.parse_document(data, index)
-            await leased.write_blob(f"tar-index.json", data, index.digest)
+            await leased.write_blob("tar-index.json", data, index.digest)
             importer._remember(index, data)
         elif ingest.docker_manifest is not None:
             index = await importer.docker_index()

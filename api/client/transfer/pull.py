@@ -28,7 +28,7 @@ from ._services import CHUNK, ImageRecord, Services
 from .mediatypes import Descriptor
 from .progress import Progress
 from .registry import Registry, RemoteOptions, registry_for
-from .unpack import DEFAULT_SNAPSHOTTER, unpack
+from .unpack import DEFAULT_SNAPSHOTTER
 
 RESUME_ATTEMPTS = 3
 

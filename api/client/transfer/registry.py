@@ -15,7 +15,7 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
+from typing import Any, Optional
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import httpx
