@@ -351,8 +351,10 @@ async def test_usage(sn, work):
 
 
 async def test_128_layers(sn, work):
+    # native copies every layer in full (quadratic here): 128 layers matter for overlay's options
+    layers = 128 if sn.kind_name == "overlayfs" else 24
     parent = ""
-    for i in range(128):
+    for i in range(layers):
         key = f"{work}/prepare-layer-{i}"  # long keys like the Go suite's
         with Mounted(await sn.prepare(key, parent, GC), work) as d:
             write(f"{d}/overwriteme", f"{i} WAS HERE!\n")
@@ -364,8 +366,8 @@ async def test_128_layers(sn, work):
         assert len(mountmod.overlay_lowerdirs(mounts)) == 128
         assert sum(len(o) for o in mounts[0].options) > mountmod.PAGE_SIZE  # needs the compact mount
     with Mounted(mounts, work) as d:
-        assert Path(d, "overwriteme").read_text() == "127 WAS HERE!\n"
-        assert len(os.listdir(f"{d}/ADDHERE")) == 128
+        assert Path(d, "overwriteme").read_text() == f"{layers - 1} WAS HERE!\n"
+        assert len(os.listdir(f"{d}/ADDHERE")) == layers
 
 
 async def test_concurrent_prepares(sn, work):
