@@ -685,13 +685,16 @@ class Writer:
         if self._error is not None:
             raise errdefs.Unknown(f"write to ingest {self.ref} failed: {self._error}")
 
-    def _write_all(self, view: memoryview) -> None:
+    @staticmethod
+    def _write_all(fd: int, view: memoryview) -> None:
         written = 0
         while written < len(view):
-            written += os.write(self._fd, view[written:])
+            written += os.write(fd, view[written:])
 
-    def _job(self, data: bytes | memoryview, loop: asyncio.AbstractEventLoop, hashed: asyncio.Future) -> None:
-        """Worker thread: hash, tell the loop, then write (GIL released for both)."""
+    def _job(self, fd: int, data: bytes | memoryview, loop: asyncio.AbstractEventLoop,
+             hashed: asyncio.Future) -> None:
+        """Worker thread: hash, tell the loop, then write to `fd` (GIL released for both). The fd
+        is passed in: close() takes the writer's own before this job may have run."""
         try:
             self._hasher.update(data)
         except BaseException as e:
@@ -699,7 +702,7 @@ class Writer:
             return
         loop.call_soon_threadsafe(_resolve, hashed, None)
         try:
-            self._write_all(memoryview(data))
+            self._write_all(fd, memoryview(data))
         except BaseException as e:
             self._error = e
 
@@ -721,14 +724,14 @@ class Writer:
         if not n:
             return 0
         if n <= INLINE_LIMIT and self._idle():
-            self._write_all(memoryview(data))
+            self._write_all(self._fd, memoryview(data))
             self._hasher.update(data)
         else:
             loop = asyncio.get_running_loop()
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="ingest")
             hashed = loop.create_future()
-            self._tail = self._executor.submit(self._job, data, loop, hashed)
+            self._tail = self._executor.submit(self._job, self._fd, data, loop, hashed)
             await hashed
         self.offset += n
         self.updated_at = _now()

@@ -292,3 +292,16 @@ async def test_concurrent_writers_on_different_refs(store):
 
 def test_writer_type_exported():
     assert Writer.__doc__
+
+
+async def test_close_right_after_a_pipelined_write_keeps_the_bytes(store):
+    """close() must not take the fd away from a file write still in flight."""
+    data = os.urandom(INLINE_LIMIT * 8)
+    for i in range(20):
+        w = await store.writer(f"quick{i}")
+        await w.write(data)
+        await w.close()
+        assert (await store.status(f"quick{i}")).offset == len(data)
+        w = await store.writer(f"quick{i}")
+        assert w.digest() == sha256(data)
+        await w.close()
