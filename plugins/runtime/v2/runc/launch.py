@@ -736,6 +736,12 @@ def delete(flags: Flags) -> bytes:
         unmount_all(os.path.join(bundle, "rootfs"))
     except OSError as err:
         warnings.append(f"failed to cleanup rootfs mount: {err}")
+    try:  # a shim killed outright leaves its socket behind (the Go shim leaks it); a live one
+        address = read_address(os.path.join(bundle, "address"))  # (grouped shims) answers
+        if address.startswith("unix://") and not can_connect(address):
+            remove_socket(address)
+    except (OSError, ShimError):
+        pass
     pid = 0
     try:
         pid = read_pid_file(os.path.join(bundle, INIT_PID_FILE))
