@@ -56,6 +56,13 @@ class Metric:
     data: Any
 
 
+class _StatusError(errdefs.InvalidArgument):
+    """An error containerd makes with status.Errorf: the message is sent without a suffix."""
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def to_any(value: Any) -> Optional[ProtoAny]:
     """A protobuf Any from an Any, a store TypedValue or None."""
     if value is None:
@@ -251,7 +258,7 @@ class TasksService:
     async def exec(self, container_id: str, exec_id: str, spec: Optional[ProtoAny] = None,
                    io: IO | None = None) -> None:
         if not exec_id:
-            raise errdefs.InvalidArgument("exec id cannot be empty")
+            raise _StatusError("exec id cannot be empty")
         task = self._task(container_id)
         await task.exec(exec_id, ExecOpts(spec=spec, io=io or IO()))
 

@@ -4,7 +4,8 @@ wrapped as a runtime Task, and its exec'd processes as runtime Processes.
 Owns the ttrpc connection to the shim, the shim's log fifo, and noticing the connection go away
 (`on_close`, called once, unless we closed it ourselves). Errors come back as the errdefs classes
 of the shim's status codes; a call on a connection that is gone raises errdefs.Unavailable
-("ttrpc: closed"), which State turns into NotFound as containerd does.
+("ttrpc: closed") from our client; ShimTask turns it into ShimClosed, UNKNOWN "ttrpc: closed" as
+containerd reports it, except State, which says NotFound as containerd's does.
 """
 from __future__ import annotations
 
@@ -41,6 +42,34 @@ def wrap(err: BaseException, prefix: str) -> errdefs.ContainerdError:
     return wrapped
 
 
+class ShimClosed(errdefs.Unknown):
+    """A call on a shim connection that is gone: Go's ttrpc.ErrClosed, which reaches clients as
+    UNKNOWN "ttrpc: closed" through containerd's error mapping."""
+
+    def __init__(self, message: str = "ttrpc: closed"):
+        super().__init__(message)
+
+
+class _TaskAPI:
+    """The shim's TaskStub, with calls on a closed connection raising ShimClosed."""
+
+    def __init__(self, stub: Any, client: TtrpcClient):
+        self._stub, self._client = stub, client
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await method(*args, **kwargs)
+            except errdefs.Unavailable as err:
+                if self._client.closed:
+                    raise ShimClosed() from err
+                raise
+
+        return call
+
+
 def _state(resp: shimapi.StateResponse) -> State:
     return State(pid=resp.pid, status=resp.status, stdin=resp.stdin, stdout=resp.stdout, stderr=resp.stderr,
                  terminal=resp.terminal, exit_status=resp.exit_status, exited_at=resp.exited_at)
@@ -55,7 +84,7 @@ class ShimTask:
         self.binary = binary
         self.client = client
         self.shim_log = shim_log
-        self.task = client.stub(shimapi.TaskStub, namespace=bundle.namespace)
+        self.task: Any = _TaskAPI(client.stub(shimapi.TaskStub, namespace=bundle.namespace), client)
         self._on_close = on_close
         self._closing = False
         self.cleanup_lock = asyncio.Lock()
@@ -89,7 +118,7 @@ class ShimTask:
 
     def disconnected(self, err: BaseException) -> bool:
         """True when `err` means the shim's connection is gone (Go's ttrpc.ErrClosed)."""
-        return isinstance(err, errdefs.Unavailable) and self.client.closed
+        return isinstance(err, ShimClosed) or (isinstance(err, errdefs.Unavailable) and self.client.closed)
 
     async def close(self) -> None:
         """Close the connection without treating it as the shim dying (shutdown, delete)."""
