@@ -100,7 +100,7 @@ def _generate_uri(scheme: str, path: str, args: Optional[Mapping[str, str]]) -> 
     if not path.startswith("/"):
         raise ValueError("absolute path needed")
     query = urllib.parse.urlencode(sorted((args or {}).items()))
-    return urllib.parse.urlunsplit((scheme, "", urllib.parse.quote(path), query, ""))
+    return f"{scheme}://{urllib.parse.quote(path)}" + (f"?{query}" if query else "")
 
 
 def log_file(path: str) -> IO:

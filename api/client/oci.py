@@ -528,7 +528,7 @@ def device_from_path(path: str) -> Optional[dict]:
     else:
         return None
     return {"path": path, "type": kind, "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev),
-            "fileMode": st.st_mode & ~stat.S_IFMT & 0o7777, "uid": st.st_uid, "gid": st.st_gid}
+            "fileMode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid}
 
 
 def host_devices(path: str = "/dev", container_path: str = "") -> list[dict]:
