@@ -312,3 +312,72 @@ def test_conformance_task_scenarios(env, scenario):
         pytest.skip("the daemon cannot import the conformance image yet: " + p.stdout.splitlines()[0][:300])
     assert p.returncode == 0 and "PASS " + scenario in p.stdout, p.stdout + p.stderr
     env.assert_no_leaks()
+
+
+def _api_errors(address: str, ns: str, rootfs: Path) -> list[tuple[str, str, str]]:
+    """(call, status, message) for calls containerd answers with an error, made through the API."""
+    from grpclib.client import Channel
+    from grpclib.exceptions import GRPCError
+
+    from pycontainerd.api.gen.containerd.services.tasks import v1 as tapi
+
+    def ctr(*args: str) -> None:
+        for _ in range(8):  # see LEASE_ID_BUG
+            p = subprocess.run(["ctr", "-a", address, "-n", ns, *args], capture_output=True, text=True)
+            if p.returncode == 0:
+                return
+            assert LEASE_ID_BUG.search(p.stderr), p.stderr
+
+    ctr("run", "-d", "--runtime", RUNTIME, "--rootfs", str(rootfs), "apierr", "/bin/sleep", "100")
+    ctr("containers", "create", "--runtime", RUNTIME, "--rootfs", str(rootfs), "apinotask", "/bin/true")
+    calls = [
+        ("create existing", lambda t: t.create(tapi.CreateTaskRequest(container_id="apierr"))),
+        ("create no container", lambda t: t.create(tapi.CreateTaskRequest(container_id="nosuch"))),
+        ("get no task", lambda t: t.get(tapi.GetRequest(container_id="apinotask"))),
+        ("delete no task", lambda t: t.delete(tapi.DeleteTaskRequest(container_id="apinotask"))),
+        ("delete running", lambda t: t.delete(tapi.DeleteTaskRequest(container_id="apierr"))),
+        ("delete_process init", lambda t: t.delete_process(tapi.DeleteProcessRequest(container_id="apierr"))),
+        ("exec empty id", lambda t: t.exec(tapi.ExecProcessRequest(container_id="apierr"))),
+        ("exec bad id", lambda t: t.exec(tapi.ExecProcessRequest(container_id="apierr", exec_id="a/b"))),
+        ("get missing exec", lambda t: t.get(tapi.GetRequest(container_id="apierr", exec_id="zz"))),
+        ("wait missing exec", lambda t: t.wait(tapi.WaitRequest(container_id="apierr", exec_id="zz"))),
+        ("start missing exec", lambda t: t.start(tapi.StartRequest(container_id="apierr", exec_id="zz"))),
+        ("kill missing exec", lambda t: t.kill(tapi.KillRequest(container_id="apierr", exec_id="zz", signal=9))),
+        ("list_pids no task", lambda t: t.list_pids(tapi.ListPidsRequest(container_id="apinotask"))),
+        ("resume running", lambda t: t.resume(tapi.ResumeTaskRequest(container_id="apierr"))),
+    ]
+
+    async def go():
+        channel = Channel(path=address)
+        tasks = tapi.TasksStub(channel, metadata={"containerd-namespace": ns}, timeout=30)
+        out = []
+        try:
+            for name, call in calls:
+                try:
+                    await call(tasks)
+                    out.append((name, "OK", ""))
+                except GRPCError as err:
+                    out.append((name, err.status.name, err.message))
+        finally:
+            channel.close()
+        return out
+
+    try:
+        return asyncio.run(go())
+    finally:
+        subprocess.run(["ctr", "-a", address, "-n", ns, "tasks", "rm", "-f", "apierr"], capture_output=True)
+        subprocess.run(["ctr", "-a", address, "-n", ns, "containers", "rm", "apierr", "apinotask"],
+                       capture_output=True)
+
+
+def test_api_errors_match_containerd(env):
+    ref = TaskEnv(Daemon("containerd"))
+    try:
+        ref.daemon.start()
+        ref.namespaces.add(env.ns)
+        expected = _api_errors(ref.address, env.ns, env.rootfs)
+    finally:
+        ref.cleanup()
+    assert [status for _, status, _ in expected].count("OK") <= 1  # "resume running" may pass
+    assert _api_errors(env.address, env.ns, env.rootfs) == expected
+    env.assert_no_leaks([(env.ns, "apierr")])
