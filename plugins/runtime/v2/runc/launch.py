@@ -173,7 +173,10 @@ def main(argv: list | None = None) -> int:
     except OSError as err:
         sys.stderr.write(f"{NAME}: {_oserror_text(err)}")
         return 1
-    # no action: serve (a server exec'd directly rather than forked from the zygote)
+    # no action: serve (a server exec'd directly rather than forked from the zygote); show the
+    # argv a Go shim would have, not the interpreter running this script
+    from . import zygote
+    zygote.set_cmdline(sys.argv)
     from . import server
     return server.main(flags, listen_fd=None if flags.socket else 3)
 
