@@ -165,6 +165,10 @@ run run --rm --runtime nodots --rootfs $R nope2 /bin/true
 run c rm nope2
 run run --rm --runtime /no/such/shim --rootfs $R nope3 /bin/true
 run c rm nope3
+NX=$R.noexec; printf '#!/bin/sh\n' > $NX; chmod 644 $NX
+run run --rm --runtime $NX --rootfs $R nope4 /bin/true
+rm -f $NX
+run c rm nope4
 run c create --runtime io.containerd.runc.v2 --rootfs $R notask /bin/true
 run tasks kill notask
 run tasks pause notask

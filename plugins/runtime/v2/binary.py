@@ -209,7 +209,7 @@ class ShimBinary:
                 stdin=asyncio.subprocess.PIPE if stdin_data is not None else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, process_group=0)
         except OSError as err:
-            raise errdefs.Unknown(f"fork/exec {self.runtime}: {err.strerror or err}") from None
+            raise errdefs.Unknown(f": fork/exec {self.runtime}: {_go_errno(err)}") from None  # Go: "<output>: <err>"
         try:
             out, _ = await asyncio.wait_for(proc.communicate(stdin_data), timeout)
         except BaseException:
@@ -234,7 +234,7 @@ class ShimBinary:
                 cwd=cwd, env=self.environ(), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, process_group=0)
         except OSError as err:
-            raise errdefs.Unknown(f"fork/exec {self.runtime}: {err.strerror or err}") from None
+            raise errdefs.Unknown(f": fork/exec {self.runtime}: {_go_errno(err)}") from None  # Go: "<output>: <err>"
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
         except BaseException:
@@ -298,6 +298,11 @@ def socket_path(address: str) -> str | None:
     if address.startswith("unix://"):
         return address[len("unix://"):]
     return None
+
+
+def _go_errno(err: OSError) -> str:
+    """An OSError as Go prints a syscall.Errno ("permission denied", lower case)."""
+    return (err.strerror or str(err)).lower()
 
 
 __all__ = ["LOG_FIFO", "RuntimeResolver", "ShimBinary", "ShimLog", "binary_name", "parse_start_output",
