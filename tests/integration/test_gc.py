@@ -1,0 +1,229 @@
+"""Garbage collection in our real daemon, driven with the stock ctr and the client library:
+images removed with --sync take their blobs and unpacked snapshots along, leases protect what
+they hold, expired leases go by themselves (also across a restart), containers keep their
+snapshots, `ctr content rm` is followed by a collection, and the scheduler's config and exports
+read as containerd's."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from daemons import Daemon
+from pycontainerd.api.client import Client
+from pycontainerd.api.client.images import Descriptor
+
+pytestmark = [pytest.mark.root, pytest.mark.compat]
+
+CTR = shutil.which("ctr")
+MAKE_BUSYBOX = Path("/work/shared/conformance/make-busybox-image.py")
+OCTET = "application/octet-stream"
+# See tests/integration/test_images.py: ctr's random lease ids, refused by our lease store for now.
+_LEASE_ID_REFUSED = re.compile(rb'identifier "\d+-[A-Za-z0-9_=-]{4}" must match')
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def daemon():
+    if CTR is None:
+        pytest.skip("ctr is not installed")
+    d = Daemon("pycontainerd")
+    try:
+        d.start()
+        yield d
+    finally:
+        d.cleanup()
+
+
+@pytest.fixture(scope="module")
+def busybox_tar(tmp_path_factory) -> Path:
+    if not MAKE_BUSYBOX.exists():
+        pytest.skip("no busybox image maker")
+    out = tmp_path_factory.mktemp("bb") / "busybox.tar"
+    subprocess.run([sys.executable, str(MAKE_BUSYBOX), str(out)], check=True, capture_output=True)
+    return out
+
+
+def ctr(d: Daemon, *args: str, ns: str = "default", input: bytes | None = None, ok: bool = True
+        ) -> subprocess.CompletedProcess:
+    for _ in range(5):
+        p = subprocess.run([CTR, "-a", d.address, "-n", ns, *args], input=input, capture_output=True, timeout=120)
+        if not (p.returncode and _LEASE_ID_REFUSED.search(p.stderr)):
+            break
+    if ok:
+        assert p.returncode == 0, (args, p.stderr.decode(), d.log())
+    return p
+
+
+def out(p: subprocess.CompletedProcess) -> str:
+    return p.stdout.decode()
+
+
+def blob_file(d: Daemon, digest: str) -> Path:
+    return d.root / "io.containerd.content.v1.content" / "blobs" / "sha256" / digest.split(":", 1)[1]
+
+
+def ingest(d: Daemon, data: bytes, ns: str = "default") -> str:
+    digest = sha256(data)
+    ctr(d, "content", "ingest", f"ref-{digest[7:23]}", input=data, ns=ns)
+    return digest
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def wait_until(cond, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached in {timeout}s")
+        time.sleep(0.05)
+
+
+def test_unpacked_image_rm_sync_takes_blobs_and_snapshots(daemon, busybox_tar):
+    ctr(daemon, "images", "import", "--base-name", "bb", str(busybox_tar))
+    [name] = out(ctr(daemon, "images", "ls", "-q")).split()
+    check = out(ctr(daemon, "images", "check")).splitlines()[1]
+    assert "complete (2/2)" in check and check.endswith("true")
+    digests = out(ctr(daemon, "content", "ls", "-q")).split()
+    snapshots = out(ctr(daemon, "snapshots", "ls")).splitlines()[1:]
+    assert len(digests) == 3 and len(snapshots) == 1
+    overlay = daemon.root / "io.containerd.snapshotter.v1.overlayfs" / "snapshots"
+    assert len(list(overlay.iterdir())) == 1
+    ctr(daemon, "images", "rm", "--sync", name)
+    assert out(ctr(daemon, "content", "ls", "-q")) == ""
+    assert out(ctr(daemon, "snapshots", "ls")).splitlines()[1:] == []
+    assert not any(blob_file(daemon, d).exists() for d in digests)
+    assert list(overlay.iterdir()) == []
+
+
+def test_container_keeps_its_snapshot_chain(daemon, busybox_tar):
+    ctr(daemon, "images", "import", "--base-name", "bb", str(busybox_tar))
+    [name] = out(ctr(daemon, "images", "ls", "-q")).split()
+    ctr(daemon, "containers", "create", name, "keeper")
+    ctr(daemon, "images", "rm", "--sync", name)
+    keys = [line.split()[0] for line in out(ctr(daemon, "snapshots", "ls")).splitlines()[1:]]
+    assert "keeper" in keys and len(keys) == 2  # the container's active snapshot and its parent
+    assert out(ctr(daemon, "content", "ls", "-q")) == ""  # the image's blobs went
+    ctr(daemon, "containers", "rm", "keeper")
+    wait_until(lambda: out(ctr(daemon, "snapshots", "ls")).splitlines()[1:] == [], what="snapshots collected")
+
+
+def test_lease_protects_blobs_until_deleted_with_sync(daemon):
+    data = b"held by a lease\n"
+    digest = ingest(daemon, data)
+    ctr(daemon, "leases", "create", "--id", "holder", "-x", "0")
+
+    async def main():
+        async with Client(daemon.address, namespace="default") as c:
+            await c.leases.add_resource("holder", digest, "content")
+            await c.images.create("img", Descriptor(OCTET, digest, len(data)))
+    run(main())
+    ctr(daemon, "images", "rm", "--sync", "img")
+    assert blob_file(daemon, digest).exists()
+    assert out(ctr(daemon, "content", "ls", "-q")).split() == [digest]
+    ctr(daemon, "leases", "rm", "--sync", "holder")
+    assert out(ctr(daemon, "content", "ls", "-q")) == ""
+    assert not blob_file(daemon, digest).exists()
+
+
+def test_expired_lease_is_collected_with_what_it_held(daemon):
+    data = b"held until the lease expires\n"
+    digest = ingest(daemon, data)
+    ctr(daemon, "leases", "create", "--id", "short", "-x", "2s")
+    ctr(daemon, "leases", "create", "--id", "long", "-x", "1h")
+
+    async def main():
+        async with Client(daemon.address, namespace="default") as c:
+            await c.leases.add_resource("short", digest, "content")
+    run(main())
+    assert out(ctr(daemon, "leases", "ls", "-q")).split() == ["short", "long"]
+    wait_until(lambda: out(ctr(daemon, "leases", "ls", "-q")).split() == ["long"], timeout=10,
+               what="expired lease collected")
+    wait_until(lambda: not blob_file(daemon, digest).exists(), timeout=5, what="blob collected")
+    assert out(ctr(daemon, "content", "ls", "-q")) == ""
+
+
+def test_lease_that_expired_while_the_daemon_was_down(daemon):
+    data = b"across a restart\n"
+    digest = ingest(daemon, data)
+    ctr(daemon, "leases", "create", "--id", "gone-by-then", "-x", "1s")
+
+    async def main():
+        async with Client(daemon.address, namespace="default") as c:
+            await c.leases.add_resource("gone-by-then", digest, "content")
+    run(main())
+    daemon.stop()
+    assert blob_file(daemon, digest).exists()
+    time.sleep(1.5)
+    daemon.start()
+    wait_until(lambda: out(ctr(daemon, "leases", "ls", "-q")) == "", what="lease collected after restart")
+    wait_until(lambda: not blob_file(daemon, digest).exists(), what="blob collected after restart")
+
+
+def test_content_rm_is_followed_by_a_collection(daemon):
+    digest = ingest(daemon, b"removed by hand\n")
+    ctr(daemon, "content", "label", digest, "containerd.io/gc.root=1")
+    ctr(daemon, "content", "rm", digest)
+    wait_until(lambda: not blob_file(daemon, digest).exists(), what="backend blob swept")
+
+
+def test_unreferenced_ingested_blob_goes_at_the_next_collection(daemon):
+    kept = ingest(daemon, b"rooted\n")
+    ctr(daemon, "content", "label", kept, "containerd.io/gc.root=yes")
+    loose = ingest(daemon, b"nobody holds me\n")
+    ctr(daemon, "leases", "create", "--id", "trigger")
+    ctr(daemon, "leases", "rm", "--sync", "trigger")
+    assert out(ctr(daemon, "content", "ls", "-q")).split() == [kept]
+    assert blob_file(daemon, kept).exists() and not blob_file(daemon, loose).exists()
+
+
+def test_scheduler_exports_and_config(daemon):
+    detail = out(ctr(daemon, "plugins", "ls", "-d", "id==scheduler"))
+    assert "io.containerd.gc.v1" in detail
+    exports = dict(re.findall(r"^\s+(\w+Threshold|ScheduleDelay)\s+(\S+)$", detail, re.M))
+    assert exports == {"PauseThreshold": "0.02", "DeletionThreshold": "0", "MutationThreshold": "100",
+                       "ScheduleDelay": "0s"}
+    d = Daemon("pycontainerd", config='version = 2\n[plugins."io.containerd.gc.v1.scheduler"]\n'
+                                     '  deletion_threshold = 3\n  schedule_delay = "250ms"\n'
+                                     '  pause_threshold = 0.9\n')
+    try:
+        d.start()
+        detail = out(ctr(d, "plugins", "ls", "-d", "id==scheduler"))
+        exports = dict(re.findall(r"^\s+(\w+Threshold|ScheduleDelay)\s+(\S+)$", detail, re.M))
+        assert exports == {"PauseThreshold": "0.5", "DeletionThreshold": "3", "MutationThreshold": "100",
+                           "ScheduleDelay": "250ms"}
+    finally:
+        d.cleanup()
+
+
+def test_exports_match_containerd(daemon, containerd):
+    def exports(d: Daemon) -> dict:
+        detail = out(ctr(d, "plugins", "ls", "-d", "id==scheduler"))
+        return dict(re.findall(r"^\s+(\w+Threshold|ScheduleDelay)\s+(\S+)$", detail, re.M))
+    assert exports(daemon) == exports(containerd)
+
+
+def test_without_the_scheduler_images_still_work_but_sync_cannot(daemon):
+    d = Daemon("pycontainerd", config='version = 2\ndisabled_plugins = ["io.containerd.gc.v1.scheduler"]\n')
+    try:
+        d.start()
+        listing = out(ctr(d, "plugins", "ls"))
+        assert "scheduler" not in listing
+        # containerd's images and leases services require the GC plugin; so do ours
+        assert re.search(r"io\.containerd\.grpc\.v1\s+images\s+\S+\s+error", listing)
+        p = ctr(d, "images", "ls", ok=False)
+        assert p.returncode == 1
+    finally:
+        d.cleanup()
