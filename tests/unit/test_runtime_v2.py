@@ -401,6 +401,7 @@ async def test_restart_reconnects_and_cleans_up_the_dead(fake, tmp_path):
     await m.close()  # daemon shutdown: shims keep running
     assert len(fake.serving_pids()) == 2
     (tmp_path / "root" / "ns1" / "orphan-work").mkdir()
+    (tmp_path / "state" / "ns1" / ".half-deleted" / "rootfs").mkdir(parents=True)
     dead_pid = int((await _pid_of(tmp_path / "state" / "ns2" / "dead")))
     os.kill(dead_pid, signal.SIGKILL)
     await asyncio.sleep(0.2)
@@ -413,6 +414,7 @@ async def test_restart_reconnects_and_cleans_up_the_dead(fake, tmp_path):
     assert await m2.get("ns1", "alive").pid() == 4242
     assert not (tmp_path / "state" / "ns2" / "dead").exists()
     assert not (tmp_path / "root" / "ns1" / "orphan-work").exists()
+    assert not (tmp_path / "state" / "ns1" / ".half-deleted").exists()
     envs = await _drain(sub)
     assert [(e.namespace, e.topic) for e in envs] == [("ns2", "/tasks/exit"), ("ns2", "/tasks/delete")]
     exit = await m2.delete("ns1", "alive")

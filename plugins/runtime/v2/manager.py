@@ -17,7 +17,7 @@ containerd 1.6's runtime/v2 ShimManager + TaskManager in one class, with the sam
     `shim-binary-path`, else from the container's runtime name. Unreachable shims are cleaned up as
     above, and — unlike containerd, which stays silent — /tasks/exit and /tasks/delete are
     published for them, so in-process subscribers learn the task stopped. Work dirs under
-    `<root>/<ns>` with no live task are removed.
+    `<root>/<ns>` with no live task, and bundles a crash left half-deleted, are removed.
   * Daemon shutdown closes the connections and leaves every shim and task running.
 
 The manager never mounts: the shim mounts the Create request's rootfs mounts on the bundle's
@@ -40,7 +40,7 @@ from pycontainerd.core.ttrpc import TtrpcClient
 
 from .. import CreateOpts, Exit
 from .binary import RuntimeResolver, ShimBinary, ShimLog, publish_binary, socket_path
-from .bundle import ADDRESS_FILE, LOG_FIFO, SHIM_BINARY_PATH_FILE, Bundle, load_bundle, new_bundle
+from .bundle import ADDRESS_FILE, LOG_FIFO, SHIM_BINARY_PATH_FILE, Bundle, load_bundle, new_bundle, unmount_all
 from .shim import ShimTask, wrap
 
 log = structlog.get_logger(__name__)
@@ -269,12 +269,12 @@ class TaskManager:
         for ns_dir in _subdirs(self.state):
             namespace = ns_dir.name
             log.debug("loading tasks in namespace", namespace=namespace)
-            try:
-                await asyncio.gather(*(self._load_one(namespace, d.name) for d in _subdirs(ns_dir)))
-            except Exception:
-                log.exception("loading tasks in namespace", namespace=namespace)
-                continue
-            self._cleanup_work_dirs(namespace)
+            ids = [d.name for d in _subdirs(ns_dir)]
+            results = await asyncio.gather(*(self._load_one(namespace, id) for id in ids), return_exceptions=True)
+            for id, result in zip(ids, results):
+                if isinstance(result, BaseException):
+                    log.error("loading task", id=id, namespace=namespace, error=str(result) or type(result).__name__)
+            await asyncio.to_thread(self._cleanup_leftovers, namespace)
 
     async def _load_one(self, namespace: str, id: str) -> None:
         bundle = load_bundle(self.state, namespace, id)
@@ -340,9 +340,19 @@ class TaskManager:
             raise
         return shim
 
-    def _cleanup_work_dirs(self, namespace: str) -> None:
+    def _cleanup_leftovers(self, namespace: str) -> None:
+        """Work dirs with no live task (a reboot emptied the state dir, say) and bundles a crash
+        left half-deleted (renamed to a hidden name by the atomic delete)."""
         for d in _subdirs(self.root / namespace, hidden=True):
             if (namespace, d.name) not in self._tasks:
+                shutil.rmtree(d, ignore_errors=True)
+        for d in _subdirs(self.state / namespace, hidden=True):
+            if d.name.startswith("."):
+                try:
+                    unmount_all(d / "rootfs")
+                except OSError as err:
+                    log.error("unmounting a half-deleted bundle", path=str(d), error=str(err))
+                    continue
                 shutil.rmtree(d, ignore_errors=True)
 
     async def close(self) -> None:
