@@ -78,6 +78,10 @@ async def cmd_check(client: Client, args: argparse.Namespace) -> None:
         raise
     except errdefs.ContainerdError as err:
         raise type(err)(f"failed listing images: {err}") from None
+    if not images:
+        if args.format == "json":
+            print_json([])
+        return  # ctr prints no header either
     failed = False
     rows = []
     for image in images:

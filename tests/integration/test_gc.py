@@ -96,6 +96,9 @@ def test_unpacked_image_rm_sync_takes_blobs_and_snapshots(daemon, busybox_tar):
     [name] = out(ctr(daemon, "images", "ls", "-q")).split()
     check = out(ctr(daemon, "images", "check")).splitlines()[1]
     assert "complete (2/2)" in check and check.endswith("true")
+    pyctr = subprocess.run([str(Path(sys.executable).parent / "pyctr"), "-a", daemon.address, "images", "check"],
+                           capture_output=True, timeout=60)
+    assert pyctr.returncode == 0 and out(pyctr) == out(ctr(daemon, "images", "check"))
     digests = out(ctr(daemon, "content", "ls", "-q")).split()
     snapshots = out(ctr(daemon, "snapshots", "ls")).splitlines()[1:]
     assert len(digests) == 3 and len(snapshots) == 1

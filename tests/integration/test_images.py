@@ -144,6 +144,8 @@ def test_ctr_ls_tag_label_rm(daemon):
 
 def test_pyctr_prints_what_ctr_prints(daemon, busybox_tar):
     ns = "same-output"
+    for args in (["images", "ls"], ["images", "check"], ["images", "ls", "-q"]):  # nothing there yet
+        assert out(pyctr(daemon, *args, ns=ns)) == out(ctr(daemon, *args, ns=ns)), args
     ctr(daemon, "images", "import", "--no-unpack", str(busybox_tar), ns=ns)
     create_image(daemon, "raw:blob", b"raw bytes", ns=ns, labels={"b": "2", "a": "1"})
     create_image(daemon, "raw:missing", b"never ingested", ns=ns)
@@ -311,6 +313,7 @@ SESSION = [
     ["namespaces", "rm", "session"],
     ["images", "rm", "--sync", "copy:2", "{name}"],
     ["images", "ls"],
+    ["images", "check"],
     ["content", "ls", "-q"],
     ["namespaces", "rm", "session"],
 ]
