@@ -241,6 +241,32 @@ class FastWriteContentRequest(api.WriteContentRequest):
         return msg
 
 
+class FastReadContentRequest(api.ReadContentRequest):
+    """ReadContentRequest decoded by hand: ctr reads a blob in 32 KiB ReadAt calls, one Read
+    RPC each, so this small decode runs thousands of times per blob."""
+
+    @classmethod
+    def FromString(cls, data: bytes) -> api.ReadContentRequest:
+        fields: dict[str, Any] = {}
+        pos, end = 0, len(data)
+        try:
+            while pos < end:
+                tag, pos = _varint(data, pos)
+                field, wire = tag >> 3, tag & 7
+                if field == 1 and wire == 2:
+                    n, pos = _varint(data, pos)
+                    fields["digest"] = data[pos:pos + n].decode()
+                    pos += n
+                elif field in (2, 3) and wire == 0:
+                    value, pos = _varint(data, pos)
+                    fields["offset" if field == 2 else "size"] = _int64(value)
+                else:
+                    pos = _skip(data, pos, wire)
+        except (IndexError, ValueError, UnicodeDecodeError) as e:
+            raise GRPCError(GrpcStatus.INTERNAL, f"grpc: failed to unmarshal the received message: {e}") from None
+        return api.ReadContentRequest(**fields)
+
+
 class FastReadContentResponse(api.ReadContentResponse):
     """ReadContentResponse encoded in one join (offset, then the data bytes as is)."""
 
@@ -274,7 +300,8 @@ class ContentGRPC(api.ContentBase):
         mapping = super().__mapping__()
         for path, request, reply in (
                 ("/containerd.services.content.v1.Content/Write", FastWriteContentRequest, None),
-                ("/containerd.services.content.v1.Content/Read", None, FastReadContentResponse)):
+                ("/containerd.services.content.v1.Content/Read", FastReadContentRequest,
+                 FastReadContentResponse)):
             h = mapping[path]
             mapping[path] = Handler(h.func, h.cardinality, request or h.request_type, reply or h.reply_type)
         return mapping
@@ -309,13 +336,12 @@ class ContentGRPC(api.ContentBase):
         err = digest_error(request.digest)
         if err:
             raise errdefs.InvalidArgument(f"{request.digest}: {err}")
-        info = self.service.info(request.digest)
-        with await self.service.reader(request.digest) as ra:
-            offset, size = max(request.offset, 0), request.size
-            if offset > info.size:
-                raise OutOfRange(f"read past object length {info.size} bytes")
-            if size <= 0 or offset + size > info.size:
-                size = info.size - offset
+        with await self.service.reader(request.digest) as ra:  # NotFound as Info would say
+            offset, size, length = max(request.offset, 0), request.size, ra.size
+            if offset > length:
+                raise OutOfRange(f"read past object length {length} bytes")
+            if size <= 0 or offset + size > length:
+                size = length - offset
             async for data in ra.chunks(offset, size, CHUNK):
                 yield FastReadContentResponse(offset=offset, data=data)
                 offset += len(data)
