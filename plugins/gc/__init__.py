@@ -102,6 +102,7 @@ class Scheduler:
         self.collections = 0
         self._gc_time = 0.0
         self._last: float | None = None            # loop time the last collection ended
+        self._not_before = 0.0                     # paced collections wait until then
         self._next_at: float | None = None         # loop time a collection is scheduled for
         self._waiters: list[asyncio.Future] = []
         self._next_expiry: datetime | None = None  # earliest lease expiry not yet collected
@@ -146,7 +147,7 @@ class Scheduler:
                 or (self._last is None and self._next_at is None and self._paced_due())):
             self._schedule(now + self.schedule_delay)
         elif self._paced_due() and self._last is not None:
-            self._schedule(max(now, self._last + self.interval))
+            self._schedule(max(now, self._not_before))
 
     def _paced_due(self) -> bool:
         return self.deletions > 0 or (self.mutation_threshold > 0 and self.mutations >= self.mutation_threshold)
@@ -178,9 +179,7 @@ class Scheduler:
             return None
         delta = (self._next_expiry - datetime.now(timezone.utc)).total_seconds()
         at = self._loop.time() + delta + 0.001  # containerd: expired once now is after it
-        if self._last is not None:
-            at = max(at, self._last + self.interval)
-        return at
+        return max(at, self._not_before)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -214,7 +213,8 @@ class Scheduler:
             log.error("garbage collection failed", error=str(err), exc_info=True)
             now = self._loop.time()
             self._last = now
-            self._schedule(now + self.interval + 1.0)
+            self._not_before = now + self.interval + 1.0
+            self._schedule(self._not_before)
             for w in waiters:
                 if not w.done():
                     w.set_exception(errdefs.Unknown("gc failed"))
@@ -227,15 +227,13 @@ class Scheduler:
             avg = self._gc_time / self.collections
             self.interval = avg / self.pause_threshold - avg
         self._last = now
+        self._not_before = now + self.interval
         self._last_mark = mark_time
         self._next_expiry = stats.next_expiry
         self.last_stats = stats
         if self._paced_due() or self.triggered:
             # events that came in during the collection count for the next one
-            if self.triggered:
-                self._schedule(now + self.schedule_delay)
-            else:
-                self._schedule(now + self.interval)
+            self._schedule(now + self.schedule_delay if self.triggered else self._not_before)
         for w in waiters:
             if not w.done():
                 w.set_result(stats)

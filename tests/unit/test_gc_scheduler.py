@@ -20,11 +20,12 @@ TARGET = Descriptor("m", "sha256:" + "1" * 64, 1)
 
 
 class CountingCollector(Collector):
-    def __init__(self, db, fail: int = 0, delay: float = 0.0):
+    def __init__(self, db, fail: int = 0, delay: float = 0.0, meta: float | None = None):
         super().__init__(db)
         self.runs: list[bool] = []
         self.fail = fail
         self.delay = delay
+        self.meta = meta  # pretend each metadata phase took this long (paces the scheduler)
 
     async def collect(self, full: bool = False):
         self.runs.append(full)
@@ -33,7 +34,10 @@ class CountingCollector(Collector):
         if self.fail:
             self.fail -= 1
             raise RuntimeError("boom")
-        return await super().collect(full)
+        stats = await super().collect(full)
+        if self.meta is not None:
+            stats.meta = self.meta
+        return stats
 
 
 @pytest.fixture
@@ -118,10 +122,10 @@ def test_first_deletion_schedules_a_collection(db):
 
 def test_deletions_after_a_collection_are_paced(db):
     async def main():
-        c = CountingCollector(db)
-        s = Scheduler(c, config(pause_threshold=0.5))
+        c = CountingCollector(db, meta=0.1)
+        s = Scheduler(c, config(pause_threshold=0.25))
         await s.schedule_and_wait()
-        s.interval = 0.3  # as if collections took 0.3s each
+        assert s.interval == pytest.approx(0.3)  # 0.1 / 0.25 - 0.1
         images = ImageStore(db)
         images.create("ns", Image("x", TARGET))
         images.delete("ns", "x")
@@ -162,10 +166,10 @@ def test_mutation_threshold_zero_never_triggers(db):
 
 def test_deletion_threshold_collects_right_away(db):
     async def main():
-        c = CountingCollector(db)
-        s = Scheduler(c, config(deletion_threshold=2))
+        c = CountingCollector(db, meta=0.6)
+        s = Scheduler(c, config(deletion_threshold=2, pause_threshold=0.01))
         await s.schedule_and_wait()
-        s.interval = 60.0  # the pacing tick is far away
+        assert s.interval > 50  # the pacing tick is far away
         images = ImageStore(db)
         for name in ("a", "b"):
             images.create("ns", Image(name, TARGET))
@@ -217,6 +221,17 @@ def test_failed_collection_fails_waiters_then_recovers(db):
             await asyncio.wait_for(s.schedule_and_wait(), 3)
         await asyncio.wait_for(s.schedule_and_wait(), 3)
         assert len(c.runs) == 2
+        await s.close()
+    asyncio.run(main())
+
+
+def test_failing_collections_back_off(db):
+    async def main():
+        LeaseStore(db).create("ns", "old", {"containerd.io/gc.expire": "2000-01-01T00:00:00Z"})
+        c = CountingCollector(db, fail=100)
+        s = Scheduler(c, config())
+        await asyncio.sleep(0.5)
+        assert 1 <= len(c.runs) <= 2  # an expired lease is due, but a failure waits a second
         await s.close()
     asyncio.run(main())
 
