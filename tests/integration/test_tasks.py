@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_tasks_support import LEASE_ID_BUG, RUNTIME, TaskEnv, requirements, task_env  # noqa: E402
+from test_tasks_support import RUNTIME, TaskEnv, requirements, task_env  # noqa: E402
 
 from daemons import Daemon  # noqa: E402
 
@@ -307,11 +307,8 @@ TASK_SCENARIOS = ["run_rm_output", "run_exit_code", "run_stdin_env", "task_lifec
 @pytest.mark.skipif(not CONFORMANCE.exists(), reason="shared conformance script not present")
 @pytest.mark.parametrize("scenario", TASK_SCENARIOS)
 def test_conformance_task_scenarios(env, scenario):
-    for _ in range(5):  # see LEASE_ID_BUG: a failure that is not the tasks' doing
-        p = subprocess.run([sys.executable, str(CONFORMANCE), "--address", env.address, "--runtime", RUNTIME,
-                            "-k", scenario], capture_output=True, text=True, timeout=600)
-        if not LEASE_ID_BUG.search(p.stdout):
-            break
+    p = subprocess.run([sys.executable, str(CONFORMANCE), "--address", env.address, "--runtime", RUNTIME,
+                        "-k", scenario], capture_output=True, text=True, timeout=600)
     if "setup: importing the test image failed" in p.stdout:
         pytest.skip("the daemon cannot import the conformance image yet: " + p.stdout.splitlines()[0][:300])
     assert p.returncode == 0 and "PASS " + scenario in p.stdout, p.stdout + p.stderr
@@ -326,11 +323,8 @@ def _api_errors(address: str, ns: str, rootfs: Path) -> list[tuple[str, str, str
     from pycontainerd.api.gen.containerd.services.tasks import v1 as tapi
 
     def ctr(*args: str) -> None:
-        for _ in range(8):  # see LEASE_ID_BUG
-            p = subprocess.run(["ctr", "-a", address, "-n", ns, *args], capture_output=True, text=True)
-            if p.returncode == 0:
-                return
-            assert LEASE_ID_BUG.search(p.stderr), p.stderr
+        p = subprocess.run(["ctr", "-a", address, "-n", ns, *args], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
 
     ctr("run", "-d", "--runtime", RUNTIME, "--rootfs", str(rootfs), "apierr", "/bin/sleep", "100")
     ctr("containers", "create", "--runtime", RUNTIME, "--rootfs", str(rootfs), "apinotask", "/bin/true")
