@@ -157,7 +157,7 @@ FAKE_SHIM = textwrap.dedent('''\
         subprocess.Popen([sys.executable, __file__, "-id", flags["id"], "serve", sock], start_new_session=True,
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(200):
-            if os.path.exists(sock):
+            if os.path.exists(sock) or os.environ.get("FAKE_SHIM_PRINTS_EARLY"):
                 break
             time.sleep(0.05)
         Path("address").write_text("unix://" + sock)
@@ -351,6 +351,15 @@ async def test_create_and_delete(fake, tmp_path):
         await asyncio.sleep(0.05)
     assert fake.serving_pids() == []
     assert await _drain(sub) == []  # the shim publishes task events, the manager none
+    await m.close()
+
+
+async def test_a_shim_printing_its_address_early_is_waited_for(fake, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_SHIM_PRINTS_EARLY", "1")
+    m = _manager(tmp_path, Exchange())
+    t = await m.create("ns1", "early", _opts(fake))
+    assert await t.pid() == 4242
+    await m.delete("ns1", "early")
     await m.close()
 
 

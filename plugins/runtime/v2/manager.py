@@ -56,6 +56,7 @@ DEFAULT_TIMEOUTS = {LOAD_TIMEOUT: 5.0, CLEANUP_TIMEOUT: 5.0, SHUTDOWN_TIMEOUT: 3
 
 CONNECT_TIMEOUT = 100.0  # containerd dials a new shim with a 100s timeout
 START_TIMEOUT = 120.0    # a shim's `start` action should take milliseconds; never wait forever
+NEW_SHIM_GRACE = 2.0     # how long a new shim's socket may take to appear after `start` printed it
 
 
 class TaskManager:
@@ -159,7 +160,7 @@ class TaskManager:
             except errdefs.ContainerdError as err:
                 raise wrap(err, "start failed") from None
             try:
-                client = await TtrpcClient.connect(address, timeout=CONNECT_TIMEOUT, namespace=namespace)
+                client = await _connect_new_shim(address, namespace)
             except BaseException:
                 await self._cleanup_dead(bundle, binary, publish=False)
                 raise
@@ -368,6 +369,23 @@ class TaskManager:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+
+async def _connect_new_shim(address: str, namespace: str) -> TtrpcClient:
+    """Connect to a shim that just printed its address. Go shims listen before they print it;
+    a shim that prints first gets NEW_SHIM_GRACE seconds to start listening (containerd would
+    fail at once and leave that shim running)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + NEW_SHIM_GRACE
+    delay = 0.005
+    while True:
+        try:
+            return await TtrpcClient.connect(address, timeout=CONNECT_TIMEOUT, namespace=namespace)
+        except errdefs.Unavailable:
+            if loop.time() >= deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
 
 
 def _delete_request(id: str):
