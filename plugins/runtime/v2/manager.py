@@ -5,6 +5,7 @@ containerd 1.6's runtime/v2 ShimManager + TaskManager in one class, with the sam
 
   * Create: new bundle -> shim `start` -> ttrpc connect -> Task.Create. A failed Create deletes the
     task in the shim, shuts the shim down and removes the bundle ("failed to create shim task: ...").
+    Unlike containerd, a shim that prints its address before listening gets a short grace period.
   * Delete: Task.Delete, then Shutdown (io.containerd.timeout.shim.shutdown), close, remove the
     bundle. When the shim is already gone (or says NotFound) the task stays listed until the
     dead-shim cleanup has run, so /tasks/exit and /tasks/delete are published for it.
