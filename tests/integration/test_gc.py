@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -144,7 +145,7 @@ def test_lease_protects_blobs_until_deleted_with_sync(daemon):
 def test_expired_lease_is_collected_with_what_it_held(daemon):
     data = b"held until the lease expires\n"
     digest = ingest(daemon, data)
-    ctr(daemon, "leases", "create", "--id", "short", "-x", "2s")
+    ctr(daemon, "leases", "create", "--id", "short", "-x", "3s")  # ctr truncates to whole seconds
     ctr(daemon, "leases", "create", "--id", "long", "-x", "1h")
 
     async def main():
@@ -161,15 +162,16 @@ def test_expired_lease_is_collected_with_what_it_held(daemon):
 def test_lease_that_expired_while_the_daemon_was_down(daemon):
     data = b"across a restart\n"
     digest = ingest(daemon, data)
-    ctr(daemon, "leases", "create", "--id", "gone-by-then", "-x", "1s")
+    expires = datetime.now(timezone.utc) + timedelta(seconds=3)
 
     async def main():
         async with Client(daemon.address, namespace="default") as c:
-            await c.leases.add_resource("gone-by-then", digest, "content")
+            lease = await c.leases.create("gone-by-then", {"containerd.io/gc.expire": expires.isoformat()})
+            await c.leases.add_resource(lease.id, digest, "content")
     run(main())
     daemon.stop()
     assert blob_file(daemon, digest).exists()
-    time.sleep(1.5)
+    time.sleep(max(0.0, (expires - datetime.now(timezone.utc)).total_seconds()) + 0.2)
     daemon.start()
     wait_until(lambda: out(ctr(daemon, "leases", "ls", "-q")) == "", what="lease collected after restart")
     wait_until(lambda: not blob_file(daemon, digest).exists(), what="blob collected after restart")
