@@ -16,8 +16,10 @@ Measures (median of --runs, fresh target dirs / fresh daemon root each run):
   ours.import         `pyctr images import --snapshotter overlayfs` against our daemon, when it can
 
 Ratios ours/containerd (target <= 1.0): archive/unpack (like for like) and archive/import, and
-import/import when our daemon imported. Page cache is warm for both sides (the blobs were just
-written); each run syncs first.
+import/import when our daemon imported; wall time, and CPU seconds (daemon + its reaped children
+such as unpigz + the client), which stay meaningful on a busy machine where wall times do not.
+Page cache is warm for both sides (the blobs were just written); each run syncs first. The runs
+interleave the measures, so background load hits them alike.
 
     .venv/bin/python benchmarks/bench_unpack.py [--runs 3] [--json] [--keep-going]
 """
@@ -30,6 +32,7 @@ import io
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -127,7 +130,22 @@ def layers_of(oci_tar: Path) -> list[tuple[str, str, bytes]]:
 
 # -- measuring --------------------------------------------------------------------------------
 
-def time_ours(blobs: list[tuple[str, str, bytes]], work: Path) -> float:
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_of(pid: int) -> float:
+    """CPU seconds of pid and of its reaped children (unpigz, ...): utime+stime+cutime+cstime."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    f = text[text.rindex(")") + 2:].split()
+    return sum(int(x) for x in f[11:15]) / _CLK_TCK
+
+
+def own_cpu() -> float:
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def time_ours(blobs: list[tuple[str, str, bytes]], work: Path) -> tuple[float, float]:
     """Apply every layer in order, each into its own dir over the previous ones (overlay form)."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -139,16 +157,18 @@ def time_ours(blobs: list[tuple[str, str, bytes]], work: Path) -> float:
     for i, (_, d, data) in enumerate(blobs):
         (work / f"{i}.blob").write_bytes(data)
     subprocess.run(["sync"], check=False)
+    cpu0 = own_cpu()
     start = time.perf_counter()
     for i, (mt, d, data) in enumerate(blobs):
         archive.apply_layer(paths[i], work / f"{i}.blob", mt, expected_digest=d, expected_size=len(data),
                             overlay=i > 0, parents=[str(p) for p in reversed(paths[:i])])
     elapsed = time.perf_counter() - start
+    cpu = own_cpu() - cpu0
     shutil.rmtree(work, ignore_errors=True)
-    return elapsed
+    return elapsed, cpu
 
 
-def ctr_import(ctr: str, address: Path, image: Path, unpack: bool, ns: str) -> float:
+def ctr_import(ctr: str, address: Path, image: Path, unpack: bool, ns: str, daemon_pid: int) -> tuple[float, float]:
     args = [ctr, "--address", str(address), "--namespace", ns, "images", "import", "--base-name", "bench/img"]
     if ctr == CTR:
         args += ["--snapshotter", "overlayfs"]
@@ -159,20 +179,22 @@ def ctr_import(ctr: str, address: Path, image: Path, unpack: bool, ns: str) -> f
     args.append(str(image))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONTAINERD_")}
     subprocess.run(["sync"], check=False)
+    cpu0, client0 = cpu_of(daemon_pid), own_cpu()
     start = time.perf_counter()
     r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
     elapsed = time.perf_counter() - start
+    cpu = cpu_of(daemon_pid) - cpu0 + own_cpu() - client0  # the daemon's and the client's
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
-    return elapsed
+    return elapsed, cpu
 
 
-def time_daemon_import(kind: str, image: Path, unpack: bool) -> float:
+def time_daemon_import(kind: str, image: Path, unpack: bool) -> tuple[float, float]:
     with short_tempdir("bu-") as tmp:
         spec = containerd_spec(tmp) if kind == "containerd" else pycontainerd_spec(tmp, pycache=tmp / "pyc")
         with Daemon(spec) as d:
             d.wait_ready()
-            return ctr_import(CTR if kind == "containerd" else PYCTR, spec.address, image, unpack, "bench")
+            return ctr_import(CTR if kind == "containerd" else PYCTR, spec.address, image, unpack, "bench", d.pid)
 
 
 def median(xs: list[float]) -> float:
@@ -206,38 +228,54 @@ def main() -> int:
         for name, path in images.items():
             blobs = layers_of(path)
             eprint(f"{name}: {len(blobs)} layers, {sum(len(b) for _, _, b in blobs) / 2**20:.1f} MiB compressed")
-            r: dict[str, list[float]] = {"ours.archive": [], "containerd.import": [], "containerd.content": [],
-                                         "ours.import": []}
+            r: dict[str, list[float]] = {k: [] for k in (
+                "ours.archive", "containerd.import", "containerd.content", "ours.import")}
+            c: dict[str, list[float]] = {k: [] for k in r}
             ours_error = None
             for i in range(args.runs):
-                r["ours.archive"].append(time_ours(blobs, tmp / "work"))
-                r["containerd.import"].append(time_daemon_import("containerd", path, unpack=True))
-                r["containerd.content"].append(time_daemon_import("containerd", path, unpack=False))
-                if not args.no_ours_daemon and ours_error is None:
+                for key, fn in (("ours.archive", lambda: time_ours(blobs, tmp / "work")),
+                                ("containerd.import", lambda: time_daemon_import("containerd", path, True)),
+                                ("containerd.content", lambda: time_daemon_import("containerd", path, False)),
+                                ("ours.import", lambda: time_daemon_import("pycontainerd", path, True))):
+                    if key == "ours.import" and (args.no_ours_daemon or ours_error is not None):
+                        continue
                     try:
-                        r["ours.import"].append(time_daemon_import("pycontainerd", path, unpack=True))
+                        wall, cpu = fn()
                     except (RuntimeError, DaemonError, subprocess.TimeoutExpired) as e:
-                        ours_error = str(e).splitlines()[-1][:300] if str(e) else type(e).__name__
-                eprint(f"  run {i + 1}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in r.items() if v))
+                        if key != "ours.import":
+                            raise
+                        ours_error = (str(e).splitlines() or [type(e).__name__])[-1][:300]
+                        continue
+                    r[key].append(wall)
+                    c[key].append(cpu)
+                eprint(f"  run {i + 1}: " + ", ".join(f"{k} {v[-1]:.3f}s (cpu {c[k][-1]:.2f}s)"
+                                                     for k, v in r.items() if v))
             m = {k: median(v) for k, v in r.items()}
+            mc = {k: median(v) for k, v in c.items()}
             m["containerd.unpack"] = max(m["containerd.import"] - m["containerd.content"], 1e-9)
-            res = {"median_seconds": m, "runs": r,
+            mc["containerd.unpack"] = max(mc["containerd.import"] - mc["containerd.content"], 1e-9)
+            res = {"median_seconds": m, "median_cpu_seconds": mc, "runs": r, "cpu_runs": c,
                    "ratio.archive_vs_unpack": m["ours.archive"] / m["containerd.unpack"],
-                   "ratio.archive_vs_import": m["ours.archive"] / m["containerd.import"]}
+                   "ratio.archive_vs_import": m["ours.archive"] / m["containerd.import"],
+                   "cpu_ratio.archive_vs_unpack": mc["ours.archive"] / mc["containerd.unpack"]}
             if r["ours.import"]:
                 res["ratio.import_vs_import"] = m["ours.import"] / m["containerd.import"]
+                res["cpu_ratio.import_vs_import"] = mc["ours.import"] / mc["containerd.import"]
             if ours_error:
                 res["ours.import_error"] = ours_error
             results[name] = res
+        load = os.getloadavg()
+        eprint(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"{'image':28} {'measure':22} {'seconds':>9}")
+    print(f"{'image':28} {'measure':22} {'wall s':>9} {'cpu s':>9}")
     for name, res in results.items():
         for k, v in res["median_seconds"].items():
             if v == v:  # not NaN
-                print(f"{name:28} {k:22} {v:9.3f}")
-        for k in ("ratio.archive_vs_unpack", "ratio.archive_vs_import", "ratio.import_vs_import"):
+                print(f"{name:28} {k:22} {v:9.3f} {res['median_cpu_seconds'][k]:9.3f}")
+        for k in ("ratio.archive_vs_unpack", "ratio.archive_vs_import", "ratio.import_vs_import",
+                  "cpu_ratio.archive_vs_unpack", "cpu_ratio.import_vs_import"):
             if k in res:
                 ok = "ok" if res[k] <= 1.0 else "MISSED"
                 print(f"{name:28} {k:22} {res[k]:9.2f}  (target <= 1.0: {ok})")

@@ -419,6 +419,14 @@ class _Input:
                 need -= len(chunk)
         return b"".join(parts)
 
+    def read_view(self, n: int) -> Union[bytes, memoryview]:
+        """Like read(), without copying when the bytes lie in one chunk."""
+        buf, pos = self._buf, self._pos
+        if pos + n <= len(buf):
+            self._pos = pos + n
+            return memoryview(buf)[pos:pos + n]
+        return self.read(n)
+
     def skip(self, n: int) -> int:
         """Skip n bytes; how many were there."""
         done = 0
@@ -499,28 +507,35 @@ def _nts(b: bytes) -> bytes:
 
 def _num(b: bytes) -> int:
     """Go's parseNumeric: base-256 when the high bit is set, else octal padded with spaces/NULs."""
-    if b and b[0] & 0x80:
-        inv = 0xFF if b[0] & 0x40 else 0
-        x = 0
-        for i, c in enumerate(b):
-            c ^= inv
-            if i == 0:
-                c &= 0x7F
-            if x >> 56:
-                raise _bad("numeric field overflows")
-            x = (x << 8) | c
-        if x >> 63:
-            raise _bad("numeric field overflows")
-        return ~x if inv else x
-    b = _nts(b.strip(b" \0"))
-    if not b:
+    if b[:1] >= b"\x80":
+        return _base256(b)
+    f = b.strip(b" \0")
+    i = f.find(b"\0")
+    if i >= 0:
+        f = f[:i]
+    if not f:
         return 0
-    try:
-        if not all(48 <= c <= 55 for c in b):
-            raise ValueError
-        return int(b, 8)
-    except ValueError:
-        raise _bad(f"bad number {b!r} in header") from None
+    if f.isdigit():  # ASCII digits only; 8 and 9 fail in int()
+        try:
+            return int(f, 8)
+        except ValueError:
+            pass
+    raise _bad(f"bad number {f!r} in header")
+
+
+def _base256(b: bytes) -> int:
+    inv = 0xFF if b[0] & 0x40 else 0
+    x = 0
+    for i, c in enumerate(b):
+        c ^= inv
+        if i == 0:
+            c &= 0x7F
+        if x >> 56:
+            raise _bad("numeric field overflows")
+        x = (x << 8) | c
+    if x >> 63:
+        raise _bad("numeric field overflows")
+    return ~x if inv else x
 
 
 def _pax_time_ns(v: bytes) -> int:
@@ -608,9 +623,9 @@ class TarReader:
         if got != n:
             raise _bad("unexpected EOF: a member is larger than the archive")
 
-    def read_data(self) -> bytes:
+    def read_data(self, view: bool = False) -> Union[bytes, memoryview]:
         n = self._remaining
-        data = self.inp.read(n)
+        data = self.inp.read_view(n) if view else self.inp.read(n)
         self._remaining -= len(data)
         if len(data) != n:
             raise _bad("unexpected EOF: a member is larger than the archive")
@@ -683,8 +698,11 @@ class TarReader:
             h.gid = _num(gid)
             h.size = size_n
             h.mtime_ns = _num(mtime) * 1_000_000_000
-            h.devmajor = _num(devmajor)
-            h.devminor = _num(devminor)
+            if typeflag == CHRTYPE or typeflag == BLKTYPE:
+                h.devmajor = _num(devmajor)
+                h.devminor = _num(devminor)
+            else:
+                h.devmajor = h.devminor = 0
             if pax:
                 _merge_pax(h, pax)
             if long_name:
@@ -844,31 +862,44 @@ def _times(h: TarHeader) -> tuple[int, int]:
     return _bound_ns(atime), _bound_ns(mtime)
 
 
+_PARALLEL_MAX = 256 << 10  # regular files up to this size may go to the worker threads
+DEFAULT_WORKERS = 4
+
+
 class _Applier:
-    def __init__(self, root: bytes, overlay: bool, parents: Iterable[bytes]):
+    def __init__(self, root: bytes, overlay: bool, parents: Iterable[bytes], workers: int = DEFAULT_WORKERS):
         root = clean(root)
         self.root = root
         self.prefix = root.rstrip(b"/")
         self.overlay = overlay
         self.parents = [clean(_fsencode(p)) for p in parents]
-        self._cache: dict[bytes, bytes] = {}
+        self._cache: dict[bytes, tuple[bytes, bool]] = {}  # tar parent -> (real dir, setgid?)
         self._unpacked: set[bytes] = set()
         self._dirs: list[tuple[bytes, int, int]] = []
         self.entries = 0
+        # what a new file gets anyway, so that chown/chmod can be left out when they change nothing
+        self._umask = _current_umask()
+        self._euid, self._egid = os.geteuid(), os.getegid()
+        self._nworkers = workers
+        self._writers: Optional[_FileWriters] = None
+        self._pending: set[bytes] = set()  # paths of files queued to the writers, not yet flushed
 
     # -- the loop -------------------------------------------------------------------------
 
     def run(self, reader: TarReader) -> int:
-        for h in reader:
-            self.entries += 1
-            try:
-                self._entry(h, reader)
-            except (errdefs.ContainerdError, MemoryError):
-                raise
-            except OSError as e:
-                raise errdefs.Unknown(
-                    f"failed to extract {h.name.decode(errors='replace')!r}: "
-                    f"{e.strerror or e}{': ' + os.fsdecode(e.filename) if e.filename else ''}") from e
+        try:
+            for h in reader:
+                self.entries += 1
+                try:
+                    self._entry(h, reader)
+                except (errdefs.ContainerdError, MemoryError):
+                    raise
+                except OSError as e:
+                    raise _extract_error(h.name, e) from e
+            self._flush()
+        finally:
+            if self._writers is not None:
+                self._writers.close()
         for name, atime, mtime in self._dirs:
             path = root_path(self.root, name)
             try:
@@ -883,30 +914,55 @@ class _Applier:
         ppath, base = name[:i + 1], name[i + 1:]
         if not base or base == b"." or base == b"..":
             return  # resolves to the root itself
-        parent = self._cache.get(ppath)
-        if parent is None:
+        cached = self._cache.get(ppath)
+        if cached is None:
             parent = root_path(self.root, ppath)
+            if self._pending and self._pending_ancestor(parent):
+                self._flush()  # a queued file stands where a directory is wanted
+                parent = root_path(self.root, ppath)
             if parent != self.root:
                 self._mkparent(parent)
-            self._cache[ppath] = parent
+            sgid = bool(os.stat(parent).st_mode & stat.S_ISGID)
+            self._cache[ppath] = (parent, sgid)
+        else:
+            parent, sgid = cached
         path = parent + b"/" + base if parent != b"/" else b"/" + base
 
         if base[:4] == WHITEOUT_PREFIX:
+            self._flush()
             self._whiteout(h, parent, base)
             return
+        if path in self._pending:
+            self._flush()
 
         t = h.typeflag
         if t == REGTYPE:
-            fd = self._create(path, lambda: os.open(path, _OPEN_FLAGS, 0o600))
-            try:
-                reader.copy_data(fd)
-                os.fchown(fd, h.uid, h.gid)
-                if h.pax:
-                    self._xattrs(h, fd, path, True)
-                os.fchmod(fd, h.mode & 0o7777)
-                os.utime(fd, ns=_times(h))
-            finally:
-                os.close(fd)
+            mode = h.mode & 0o7777
+            chown = sgid or h.uid != self._euid or h.gid != self._egid
+            chmod = bool(mode & 0o7000 or mode & self._umask)
+            if self._nworkers > 0 and h.size <= _PARALLEL_MAX:
+                task = _FileTask()
+                task.name, task.path, task.mode, task.times = h.name, path, mode, _times(h)
+                task.chown, task.uid, task.gid, task.chmod = chown, h.uid, h.gid, chmod
+                task.xattrs = h.xattrs() if h.pax else None
+                task.data = reader.read_data(view=True)
+                if self._writers is None:
+                    self._writers = _FileWriters(self._nworkers)
+                self._pending.add(path)
+                self._writers.submit(task)
+            else:
+                fd = self._create(path, lambda: os.open(path, _OPEN_FLAGS, mode & 0o777))
+                try:
+                    reader.copy_data(fd)
+                    if chown:
+                        os.fchown(fd, h.uid, h.gid)
+                    if h.pax:
+                        self._xattrs(h, fd, path, True)
+                    if chmod:
+                        os.fchmod(fd, mode)
+                    os.utime(fd, ns=_times(h))
+                finally:
+                    os.close(fd)
         elif t == DIRTYPE:
             try:
                 os.mkdir(path, 0o700)
@@ -915,12 +971,15 @@ class _Applier:
                 if not stat.S_ISDIR(st.st_mode):
                     self._remove(path, st)
                     os.mkdir(path, 0o700)
+                else:
+                    self._cache.clear()  # its mode (setgid) may change
             self._meta(h, path, symlink=False)
             self._dirs.append((name, *_times(h)))
         elif t == SYMTYPE:
             self._create(path, lambda: os.symlink(h.linkname, path))
             self._meta(h, path, symlink=True)
         elif t == LNKTYPE:
+            self._flush()  # the target may be a queued file
             target = self._hardlink_target(h.linkname)
             self._create(path, lambda: os.link(target, path, follow_symlinks=False))
             self._meta(h, path, symlink=stat.S_ISLNK(os.lstat(path).st_mode))
@@ -939,6 +998,33 @@ class _Applier:
 
     # -- pieces ---------------------------------------------------------------------------
 
+    def _flush(self) -> None:
+        """Wait for the queued files; redo those whose path was taken; raise their errors."""
+        if not self._pending or self._writers is None:
+            return
+        retry, errors = self._writers.wait()
+        self._pending.clear()
+        if errors:
+            task, e = errors[0]
+            if isinstance(e, OSError):
+                raise _extract_error(task.name, e) from e
+            raise e
+        for task in retry:
+            try:
+                self._remove(task.path)
+                if not _write_file(task):
+                    raise FileExistsError(errno.EEXIST, "file exists", task.path)
+            except OSError as e:
+                raise _extract_error(task.name, e) from e
+
+    def _pending_ancestor(self, path: bytes) -> bool:
+        p = path
+        while len(p) > len(self.prefix):
+            if p in self._pending:
+                return True
+            p = p[:p.rfind(b"/")]
+        return False
+
     def _create(self, path: bytes, make: Callable[[], Any]) -> Any:
         """Run `make`; when something is in the way, remove it (a whole tree) and run it again."""
         try:
@@ -949,6 +1035,9 @@ class _Applier:
 
     def _remove(self, path: bytes, st: Optional[os.stat_result] = None) -> None:
         """os.RemoveAll: whatever is at path, never following a symlink; absent is fine."""
+        if self._pending:
+            self._flush()  # queued files may be at or below path
+            st = None
         if st is None:
             try:
                 st = os.lstat(path)
@@ -973,24 +1062,7 @@ class _Applier:
             os.utime(path, ns=_times(h), follow_symlinks=False)
 
     def _xattrs(self, h: TarHeader, target: Union[int, bytes], path: bytes, reg_or_dir: bool) -> None:
-        for key, value in h.xattrs():
-            if key.startswith("trusted."):
-                log.warning("ignored xattr in archive: admin attributes are not supported",
-                            xattr=key, path=os.fsdecode(path))
-                continue
-            try:
-                if isinstance(target, int):
-                    os.setxattr(target, key, value)
-                else:
-                    os.setxattr(target, key, value, follow_symlinks=False)
-            except OSError as e:
-                if e.errno == errno.EPERM and key.startswith("user.") and not reg_or_dir:
-                    continue  # user.* exists only on regular files and directories
-                if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-                    log.warning("ignored xattr in archive", xattr=key, path=os.fsdecode(path),
-                                error=e.strerror)
-                    continue
-                raise
+        _set_xattrs(h.xattrs(), target, path, reg_or_dir)
 
     def _whiteout(self, h: TarHeader, parent: bytes, base: bytes) -> None:
         if base == WHITEOUT_OPAQUE:
@@ -1067,6 +1139,131 @@ class _Applier:
             return
 
 
+def _extract_error(name: bytes, e: OSError) -> errdefs.ContainerdError:
+    where = f": {os.fsdecode(e.filename)}" if e.filename else ""
+    return errdefs.Unknown(f"failed to extract {name.decode(errors='replace')!r}: {e.strerror or e}{where}")
+
+
+def _set_xattrs(items: Iterable[tuple[str, bytes]], target: Union[int, bytes], path: bytes,
+                reg_or_dir: bool) -> None:
+    """containerd's rules: trusted.* never; user.* refused on other types and unsupported
+    attributes are skipped with a warning; anything else failing fails the member."""
+    for key, value in items:
+        if key.startswith("trusted."):
+            log.warning("ignored xattr in archive: admin attributes are not supported",
+                        xattr=key, path=os.fsdecode(path))
+            continue
+        try:
+            if isinstance(target, int):
+                os.setxattr(target, key, value)
+            else:
+                os.setxattr(target, key, value, follow_symlinks=False)
+        except OSError as e:
+            if e.errno == errno.EPERM and key.startswith("user.") and not reg_or_dir:
+                continue  # user.* exists only on regular files and directories
+            if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                log.warning("ignored xattr in archive", xattr=key, path=os.fsdecode(path),
+                            error=e.strerror)
+                continue
+            raise
+
+
+class _FileTask:
+    __slots__ = ("name", "path", "data", "mode", "chown", "uid", "gid", "chmod", "times", "xattrs")
+
+
+def _write_file(t: _FileTask) -> bool:
+    """Create and fill one regular file; False when something is already there."""
+    try:
+        fd = os.open(t.path, _OPEN_FLAGS, t.mode & 0o777)
+    except FileExistsError:
+        return False
+    try:
+        view = t.data
+        while view:
+            view = view[os.write(fd, view):]
+        if t.chown:
+            os.fchown(fd, t.uid, t.gid)
+        if t.xattrs:
+            _set_xattrs(t.xattrs, fd, t.path, True)
+        if t.chmod:
+            os.fchmod(fd, t.mode)
+        os.utime(fd, ns=t.times)
+    finally:
+        os.close(fd)
+    return True
+
+
+class _FileWriters:
+    """Worker threads that create small regular files while the main thread reads on.
+
+    File creation is mostly kernel time (and waiting on the filesystem journal), with the GIL
+    released: a few threads keep both cores busy and hide the waits. The applier keeps the
+    order of effects: it flushes (waits for every queued file) before anything that could see
+    or touch a queued path (see _Applier). A file whose path turned out to be taken is handed
+    back and redone by the main thread at the flush, in submission order."""
+
+    def __init__(self, workers: int, depth: int = 64):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._lock = threading.Lock()
+        self._errors: list[tuple[_FileTask, BaseException]] = []
+        self._retry: list[tuple[int, _FileTask]] = []
+        self._seq = 0
+        self._threads = [threading.Thread(target=self._run, name=f"layer-files-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                seq, task = item
+                try:
+                    if not _write_file(task):
+                        with self._lock:
+                            self._retry.append((seq, task))
+                except BaseException as e:
+                    with self._lock:
+                        self._errors.append((task, e))
+            finally:
+                self._queue.task_done()
+
+    def submit(self, task: _FileTask) -> None:
+        self._seq += 1
+        self._queue.put((self._seq, task))
+
+    def wait(self) -> tuple[list[_FileTask], list[tuple[_FileTask, BaseException]]]:
+        """Wait for everything queued; (tasks to redo in order, errors)."""
+        self._queue.join()
+        with self._lock:
+            retry = [t for _, t in sorted(self._retry, key=lambda x: x[0])]
+            errors = list(self._errors)
+            self._retry.clear()
+            self._errors.clear()
+        return retry, errors
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it (other threads may be creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o7777  # unknown: always chmod
+
+
 def _copy_xattrs(src: bytes, dst: bytes) -> None:
     """containerd's copyUpXAttrs: every xattr but trusted.*, never replacing one."""
     try:
@@ -1088,11 +1285,14 @@ def _copy_xattrs(src: bytes, dst: bytes) -> None:
 
 
 def apply_tar(root: Union[str, bytes, os.PathLike], stream: Union[BinaryIO, _Input], *,
-              overlay: bool = False, parents: Iterable[Union[str, bytes]] = ()) -> int:
+              overlay: bool = False, parents: Iterable[Union[str, bytes]] = (),
+              workers: int = DEFAULT_WORKERS) -> int:
     """Apply an uncompressed layer tar read from `stream` (a binary file object) to `root`;
-    the number of members. See the module docstring for the rules."""
+    the number of members. See the module docstring for the rules. `workers` threads create
+    small files (0: all on the calling thread)."""
     inp = stream if isinstance(stream, _Input) else _Input(lambda: stream.read(CHUNK))
-    return _Applier(_fsencode(root), overlay, [_fsencode(p) for p in parents]).run(TarReader(inp))
+    applier = _Applier(_fsencode(root), overlay, [_fsencode(p) for p in parents], workers)
+    return applier.run(TarReader(inp))
 
 
 Source = Union[str, bytes, os.PathLike, BinaryIO, Callable[[int], bytes]]
@@ -1113,7 +1313,8 @@ def _reader_of(source: Source) -> tuple[Callable[[int], bytes], Optional[BinaryI
 
 def apply_layer(root: Union[str, bytes, os.PathLike], source: Source, media_type: Optional[str] = None,
                 *, expected_digest: str = "", expected_size: int = -1, overlay: bool = False,
-                parents: Iterable[Union[str, bytes]] = (), use_pigz: Optional[bool] = None) -> ApplyResult:
+                parents: Iterable[Union[str, bytes]] = (), use_pigz: Optional[bool] = None,
+                workers: int = DEFAULT_WORKERS) -> ApplyResult:
     """Apply a layer blob to `root` and verify it.
 
     source: a path, a binary file object, bytes, or a read(n) function.
@@ -1123,6 +1324,7 @@ def apply_layer(root: Union[str, bytes, os.PathLike], source: Source, media_type
       differ, after the tar was applied: the caller discards the target).
     overlay / parents: `root` is an overlayfs upperdir over `parents` (lowerdirs, top first).
     use_pigz: None = unpigz when installed; False = zlib.
+    workers: threads creating small files alongside (0: none).
     """
     compression = DETECT if media_type is None else diff_compression(media_type)
     algorithm = expected_digest.partition(":")[0] if expected_digest else "sha256"
@@ -1132,7 +1334,7 @@ def apply_layer(root: Union[str, bytes, os.PathLike], source: Source, media_type
     decoder = _Decoder(read, compression, algorithm, use_pigz)
     decoder.start()
     try:
-        entries = apply_tar(root, _Input(decoder.get), overlay=overlay, parents=parents)
+        entries = apply_tar(root, _Input(decoder.get), overlay=overlay, parents=parents, workers=workers)
         decoder.drain()
     finally:
         decoder.close()

@@ -214,6 +214,19 @@ def test_devices_fifos_owners(root):
     assert (st.st_uid, st.st_gid) == (3_000_000, 4_000_000)
 
 
+@pytest.mark.root
+@pytest.mark.skipif(not ROOT, reason="needs root")
+def test_setgid_parent_does_not_leak_its_group(root):
+    apply(root, make_tar(member("shared", tarfile.DIRTYPE, mode=0o2775, gid=50),
+                         member("shared/own", data=b"1", gid=0), member("shared/sub/f", data=b"2"),
+                         member("shared/grp", data=b"3", gid=50)))
+    assert os.lstat(f"{root}/shared/own").st_gid == 0
+    assert os.lstat(f"{root}/shared/sub/f").st_gid == 0
+    assert os.lstat(f"{root}/shared/grp").st_gid == 50
+    apply(root, make_tar(member("shared", tarfile.DIRTYPE, mode=0o755), member("shared/later", data=b"4")))
+    assert os.lstat(f"{root}/shared/later").st_gid == 0
+
+
 def test_xattrs(root):
     cap = b"\x01\x00\x00\x02\x00\x20\x00\x00" + bytes(12)
     pax = {"SCHILY.xattr.user.k": "v", "SCHILY.xattr.user.bin": b"\x00\xff\x01".decode("utf-8", "surrogateescape")}
@@ -619,3 +632,50 @@ def test_clean():
     c = archive.clean
     assert c(b"") == b"." and c(b"./a/") == b"a" and c(b"//a//b/../c") == b"/a/c"
     assert c(b"../a") == b"../a" and c(b"/../a") == b"/a" and c(b"a/..") == b"."
+
+
+# -- the file writer threads keep the order of effects ------------------------------------------
+
+@pytest.mark.parametrize("workers", [0, 4])
+def test_order_of_effects_within_a_layer(root, workers):
+    many = [member(f"d/f{i}", data=b"%d" % i) for i in range(200)]
+    archive.apply_layer(root, make_tar(
+        member("a", data=b"file first"), member("a/", tarfile.DIRTYPE),  # file, then a dir there
+        member("x", data=b"target"), member("y", tarfile.LNKTYPE, linkname="x"),  # link to a queued file
+        *many, member(".wh.d"),  # queued files, then their directory whited out
+        member("o/keep", data=b"k"), member("o/.wh..wh..opq"),  # this layer's own files stay
+        member("r", data=b"1"), member("r", data=b"2"),  # the same path twice
+        member("big", data=b"B" * (1 << 20)),  # past the threaded size: written inline
+    ), workers=workers)
+    assert stat.S_ISDIR(os.lstat(f"{root}/a").st_mode)
+    assert os.lstat(f"{root}/y").st_ino == os.lstat(f"{root}/x").st_ino
+    assert not os.path.exists(f"{root}/d")
+    assert os.listdir(f"{root}/o") == ["keep"]
+    assert open(f"{root}/r", "rb").read() == b"2"
+    assert os.path.getsize(f"{root}/big") == 1 << 20
+
+
+@pytest.mark.parametrize("workers", [0, 4])
+def test_file_then_child_fails_like_containerd(root, workers):
+    with pytest.raises(errdefs.ContainerdError, match="not a directory|exists"):
+        archive.apply_layer(root, make_tar(member("a", data=b"f"), member("a/b", data=b"c")), workers=workers)
+
+
+def test_threaded_replacement_of_existing_files(root):
+    layer = make_tar(*[member(f"d{i % 7}/f{i}", data=os.urandom(i % 300), mode=0o600 + i % 8) for i in range(500)])
+    files_only = lambda t: {k: v for k, v in t.items() if not stat.S_ISDIR(v[0])}  # noqa: E731
+    archive.apply_layer(root, layer, workers=0)
+    first = files_only(tree(root))
+    archive.apply_layer(root, layer, workers=4)  # every file exists: all handed back and redone
+    assert files_only(tree(root)) == first
+    other = tempfile.mkdtemp(dir="/tmp")
+    try:
+        archive.apply_layer(other, layer, workers=4)
+        assert files_only(tree(other)) == first
+    finally:
+        shutil.rmtree(other)
+
+
+def test_worker_errors_surface_with_the_member_name(root):
+    with pytest.raises(errdefs.Unknown, match="failed to extract 'd/" + "n" * 10):
+        archive.apply_layer(root, make_tar(member("d/ok", data=b"1"), member("d/" + "n" * 300, data=b"1")))
