@@ -1,0 +1,99 @@
+"""`containerd-shim-pyrunc-v1`'s command line, as the Go `containerd-shim` (containerd 1.6) parses it.
+
+containerd's v1 runtime starts the shim from the bundle directory (the shim takes its working
+directory as the bundle path) with the listening socket as fd 3 and
+
+    -namespace NS -workdir DIR -address GRPC -containerd-binary BIN
+    [-criu PATH] [-runtime-root DIR] [-systemd-cgroup] [-debug]
+
+`-socket PATH` makes the shim listen on PATH itself instead of using fd 3. containerd 1.6 spells
+the criu flag `-criu-path`, which its own Go shim does not define; we accept both.
+Flags are Go's: `-name value`, `-name=value`, `--name`, booleans without a value; parsing stops at
+the first argument that is not a flag.
+"""
+from __future__ import annotations
+
+import sys
+
+NAME = "containerd-shim-pyrunc-v1"
+DEFAULT_RUNTIME_ROOT = "/run/containerd/runc"
+
+
+class FlagError(Exception):
+    pass
+
+
+class Flags:
+    __slots__ = ("debug", "namespace", "socket", "address", "workdir", "runtime_root", "criu",
+                 "systemd_cgroup", "containerd_binary", "args")
+
+    def __init__(self) -> None:
+        self.debug = False
+        self.namespace = ""
+        self.socket = ""
+        self.address = ""
+        self.workdir = ""
+        self.runtime_root = DEFAULT_RUNTIME_ROOT
+        self.criu = ""
+        self.systemd_cgroup = False
+        self.containerd_binary = "containerd"
+        self.args: list[str] = []
+
+
+_BOOL = {"debug": "debug", "systemd-cgroup": "systemd_cgroup"}
+_STRING = {"namespace": "namespace", "socket": "socket", "address": "address", "workdir": "workdir",
+           "runtime-root": "runtime_root", "criu": "criu", "criu-path": "criu",
+           "containerd-binary": "containerd_binary"}
+
+
+def parse_flags(argv: list[str]) -> Flags:
+    flags = Flags()
+    i, n = 0, len(argv)
+    while i < n:
+        arg = argv[i]
+        if len(arg) < 2 or arg[0] != "-":
+            break
+        if arg == "--":
+            i += 1
+            break
+        name = arg[2:] if arg.startswith("--") else arg[1:]
+        if not name or name[0] in "-=":
+            raise FlagError(f"bad flag syntax: {arg}")
+        value = None
+        if "=" in name:
+            name, value = name.split("=", 1)
+        i += 1
+        if name in _BOOL:
+            if value is None or value.lower() in ("1", "t", "true"):
+                setattr(flags, _BOOL[name], True)
+            elif value.lower() in ("0", "f", "false"):
+                setattr(flags, _BOOL[name], False)
+            else:
+                raise FlagError(f'invalid boolean value "{value}" for -{name}: parse error')
+        elif name in _STRING:
+            if value is None:
+                if i >= n:
+                    raise FlagError(f"flag needs an argument: -{name}")
+                value = argv[i]
+                i += 1
+            setattr(flags, _STRING[name], value)
+        elif name in ("h", "help"):
+            raise FlagError("flag: help requested")
+        else:
+            raise FlagError(f"flag provided but not defined: -{name}")
+    flags.args = argv[i:]
+    return flags
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        flags = parse_flags(argv)
+    except FlagError as err:
+        sys.stderr.write(f"{err}\n")
+        return 2
+    if not flags.namespace:
+        sys.stderr.write(f"{NAME}: shim namespace cannot be empty\n")
+        return 1
+    from . import server
+    return server.main(flags)
