@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -56,18 +55,9 @@ def busybox_tar(tmp_path_factory) -> Path:
     return out
 
 
-# ctr's random lease ids ("<ns>-<4 base64url chars>", for import and tag) may hold "-" or "_"
-# where identifiers may not; containerd takes any lease id, our lease store still validates it
-# as an identifier (reported). Until that is fixed, such a refusal is retried with a new id.
-_LEASE_ID_REFUSED = re.compile(rb'identifier "\d+-[A-Za-z0-9_=-]{4}" must match')
-
-
 def ctr(d: Daemon, *args: str, ns: str = "default", input: bytes | None = None, ok: bool = True
         ) -> subprocess.CompletedProcess:
-    for _ in range(5):
-        p = subprocess.run([CTR, "-a", d.address, "-n", ns, *args], input=input, capture_output=True, timeout=120)
-        if not (p.returncode and _LEASE_ID_REFUSED.search(p.stderr)):
-            break
+    p = subprocess.run([CTR, "-a", d.address, "-n", ns, *args], input=input, capture_output=True, timeout=120)
     if ok:
         assert p.returncode == 0, (args, p.stderr.decode(), d.log())
     return p
