@@ -109,7 +109,7 @@ def test_unknown_keys_are_warned_about_and_checked():
 
 def test_config_default_round_trips(tmp_path):
     out = subprocess.run([PYCONTAINERD, "config", "default"], capture_output=True, text=True, check=True).stdout
-    assert '[plugins."io.containerd.lease.v1.manager"]' in out
+    assert '[plugins."io.containerd.gc.v1.scheduler"]' in out
     (tmp_path / "c.toml").write_text(out)
     check = subprocess.run([PYCONTAINERD, "--config", str(tmp_path / "c.toml"), "config", "check"],
                            capture_output=True, text=True)
