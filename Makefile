@@ -4,7 +4,8 @@
 PY ?= python3
 VENV := .venv
 APT_PACKAGES := containerd runc busybox-static golang-github-containerd-containerd-dev \
-	golang-github-containerd-ttrpc-dev protobuf-compiler pigz
+	golang-github-containerd-ttrpc-dev protobuf-compiler pigz \
+	docker-registry skopeo apache2-utils openssl
 
 .PHONY: setup demo test test-fast
 

@@ -497,6 +497,9 @@ class ContentWriter:
     async def _recv(self) -> Any:
         with _stream_errors(self.services.address, self._stream):
             resp = await self._stream.recv_message()
+            if resp is None:
+                # the server ended the call: its status (an error, when it has one) is in the trailers
+                await self._stream.recv_trailing_metadata()
         if resp is None:
             raise errdefs.Unavailable(f"content writer for {self.ref}: stream closed early")
         self._pending -= 1

@@ -186,7 +186,7 @@ class Authorizer:
                 if c.params.get("error") and repeated:
                     self.handlers.pop(host, None)
                     raise AuthorizationFailed(f"server message: {c.params['error']}: authorization failed")
-                if host in self.handlers and not repeated:
+                if host in self.handlers and self.handlers[host].scheme == "bearer":
                     return
                 realm = c.params.get("realm")
                 if not realm:
@@ -194,8 +194,6 @@ class Authorizer:
                 scopes = c.params["scope"].split(" ") if c.params.get("scope") else []
                 self.handlers[host] = _AuthHandler("bearer", user, secret, realm,
                                                    c.params.get("service", ""), scopes)
-                if repeated and host in self.handlers and not c.params.get("error"):
-                    return
                 return
             if c.scheme == "basic" and user and secret:
                 if repeated and host in self.handlers and self.handlers[host].scheme == "basic":
@@ -203,6 +201,15 @@ class Authorizer:
                 self.handlers[host] = _AuthHandler("basic", user, secret)
                 return
         raise errdefs.Unimplemented("failed to find supported auth scheme")
+
+
+async def _drain(resp: httpx.Response) -> None:
+    try:
+        await resp.aread()
+    except httpx.HTTPError:
+        pass
+    finally:
+        await resp.aclose()
 
 
 def _token_of(resp: httpx.Response) -> str:
@@ -297,18 +304,14 @@ class Registry:
             if tries > 6:
                 break
             if resp.status_code == 401:
-                await resp.aclose()
-                if content is not None and not callable(content):
-                    pass
+                await _drain(resp)
+                if sent_401 >= 2 or (content is not None and not callable(content) and not retry_body):
+                    break
                 try:
                     self.authorizer.add_response(auth_host, resp, repeated=sent_401 > 0)
                 except errdefs.Unimplemented:
                     break
                 sent_401 += 1
-                if sent_401 > 2:
-                    break
-                if content is not None and not callable(content) and not retry_body:
-                    break
                 continue
             if resp.status_code == 405 and method == "HEAD" and "/manifests/" in url:
                 await resp.aclose()
@@ -319,6 +322,10 @@ class Registry:
                 await asyncio.sleep(0.2 * tries)
                 continue
             break
+        if resp.status_code == 401:
+            await _drain(resp)
+            raise AuthorizationFailed(f"{method} {url}: 401 Unauthorized: authorization failed "
+                                      f"(no or wrong credentials; see --user)")
         if not stream:
             try:
                 await resp.aread()
@@ -520,10 +527,11 @@ class Registry:
         resp = None
         if mount_from:
             url = base + "?" + urlencode({"mount": desc.digest, "from": mount_from})
-            resp = await self.request(host, "POST", url,
-                                      scopes=self.scopes(True, (f"repository:{mount_from}:pull",)))
-            if resp.status_code == 401:
-                resp = None
+            try:
+                resp = await self.request(host, "POST", url,
+                                          scopes=self.scopes(True, (f"repository:{mount_from}:pull",)))
+            except AuthorizationFailed:
+                resp = None  # not allowed to read the source: upload instead
         if resp is None:
             resp = await self.request(host, "POST", base, scopes=self.scopes(push=True))
         if resp.status_code == 201:
