@@ -6,7 +6,9 @@ directory as the bundle path) with the listening socket as fd 3 and
     -namespace NS -workdir DIR -address GRPC -containerd-binary BIN
     [-criu PATH] [-runtime-root DIR] [-systemd-cgroup] [-debug]
 
-`-socket PATH` makes the shim listen on PATH itself instead of using fd 3. containerd 1.6 spells
+`-socket PATH` makes the shim listen on PATH itself instead of using fd 3. `--address GRPC publish
+--topic T --namespace NS` publishes one event (see publish.py): the v1 runtime gives this binary
+to the Go shim as its -containerd-binary. containerd 1.6 spells
 the criu flag `-criu-path`, which its own Go shim does not define; we accept both.
 Flags are Go's: `-name value`, `-name=value`, `--name`, booleans without a value; parsing stops at
 the first argument that is not a flag.
@@ -92,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except FlagError as err:
         sys.stderr.write(f"{err}\n")
         return 2
+    if flags.args and flags.args[0] == "publish":  # used as the Go shim's -containerd-binary
+        from . import publish
+        return publish.main(flags.address, flags.args[1:])
     if not flags.namespace:
         sys.stderr.write(f"{NAME}: shim namespace cannot be empty\n")
         return 1
