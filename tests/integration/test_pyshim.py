@@ -615,12 +615,13 @@ async def test_pause_resume_pids_stats_update():
 @needs_runc
 async def test_shared_pid_namespace_kills_the_rest_on_exit():
     async with shim_world() as world:
-        shim = await start_shim(world, args=["sh", "-c", "sleep 300 & sleep 0.3; exit 0"], host_pid=True)
+        marker = str(3000 + uuid.uuid4().int % 1000)  # a sleep nobody else runs
+        shim = await start_shim(world, args=["sh", "-c", f"sleep {marker} & sleep 0.3; exit 0"], host_pid=True)
         created = await shim.task.create(shim.create_request())
         await shim.task.start(StartRequest(id=shim.task_id))
         await shim.task.wait(WaitRequest(id=shim.task_id))
         await asyncio.sleep(0.5)
-        left = [p for p in _processes_mentioning("sleep\0" + "300") if p != created.pid]
+        left = [p for p in _processes_mentioning(f"sleep\0{marker}\0") if p != created.pid]
         assert left == [], "the container's background process survived its init"
         await finish(shim)
     assert_clean(world)
@@ -682,6 +683,48 @@ async def test_grouped_containers_share_one_shim():
         await finish(a)
         assert [getattr(e, "container_id") for t, _n, e in world.sink.events if t == "/tasks/delete"] == \
             [b.task_id, a.task_id]
+    assert_clean(world)
+
+
+@pytest.mark.root
+@needs_runc
+async def test_namespace_wide_server_outlives_its_first_bundle():
+    """PYRUNC_SHIM_GROUP=namespace: one server for every container of the namespace; it moves its
+    log off the first bundle when that one goes, and only the last Shutdown ends it."""
+    async with shim_world() as world:
+        world.env["PYRUNC_SHIM_GROUP"] = "namespace"
+        first = await start_shim(world, args=["sh", "-c", "exit 1"])
+        second = await start_shim(world, args=["sleep", "300"])
+        assert first.address == second.address == launch.socket_address(world.address, world.namespace,
+                                                                         launch.SHARED_GROUP)
+        server_pid = first.pid
+        await first.task.create(first.create_request())
+        await second.task.create(second.create_request())
+        await first.task.start(StartRequest(id=first.task_id))
+        await second.task.start(StartRequest(id=second.task_id))
+        await first.task.wait(WaitRequest(id=first.task_id))
+        await first.task.delete(DeleteRequest(id=first.task_id))
+        await first.task.shutdown(ShutdownRequest(id=first.task_id))
+        await first.client.close()
+        os.close(first.log_fd)  # containerd stops reading that log and removes the bundle
+        first.log_fd = os.open(os.devnull, os.O_RDONLY)
+        shutil.rmtree(first.bundle)
+        assert _alive(server_pid)
+        with open(f"/proc/{server_pid}/fd/2", "rb", buffering=0):
+            assert os.readlink(f"/proc/{server_pid}/fd/2") == str(second.bundle / "log")
+        # a third container comes and goes while the second still runs
+        third = await start_shim(world, args=["sh", "-c", "exit 0"])
+        assert third.address == second.address
+        await third.task.create(third.create_request())
+        await third.task.start(StartRequest(id=third.task_id))
+        await third.task.wait(WaitRequest(id=third.task_id))
+        await finish(third)
+        assert _alive(server_pid)
+        await second.task.kill(KillRequest(id=second.task_id, signal=signal.SIGKILL))
+        await second.task.wait(WaitRequest(id=second.task_id))
+        await finish(second)
+        await _wait_for(lambda: not _alive(server_pid), 10, "the server to exit after the last Shutdown")
+        assert not os.path.exists(launch.socket_path(second.address))
     assert_clean(world)
 
 

@@ -26,16 +26,23 @@ fails to start) the server is exec'd directly: `<this binary> -namespace NS -id 
 
 Environment knobs (read by `start`, inherited from containerd): PYRUNC_ZYGOTE=0 disables the
 zygote; PYRUNC_ZYGOTE_DIR (default /run/pycontainerd/pyrunc) is where its socket lives;
-PYRUNC_ZYGOTE_IDLE is the number of seconds it lingers without requests (default 600).
+PYRUNC_ZYGOTE_IDLE is the number of seconds it lingers without requests (default 600);
+PYRUNC_SHIM_GROUP=namespace puts every container of a daemon's namespace in one shim server (as if
+they all carried the same group annotation): one process for all of them instead of one each,
+at the price of a shared fate (a dead server takes all its containers' tasks with it).
 """
+import _socket as socket  # socket.py imports selectors and builds enums: ~5 ms we do not need
 import errno
-import hashlib
 import json
 import os
-import socket
 import struct
 import sys
 import time
+
+try:
+    from _sha256 import sha256  # the builtin one; hashlib loads OpenSSL (~4 ms)
+except ImportError:  # pragma: no cover
+    from hashlib import sha256
 
 NAME = "io.containerd.pyrunc.v2"
 VERSION = "0.1.0"
@@ -45,6 +52,7 @@ RUNC_ROOT = "/run/containerd/runc"
 INIT_PID_FILE = "init.pid"
 GROUP_LABELS = ("io.containerd.runc.v2.group", "io.containerd.pyrunc.v2.group", "io.kubernetes.cri.sandbox-id")
 DEFAULT_ZYGOTE_DIR = "/run/pycontainerd/pyrunc"
+SHARED_GROUP = "io.containerd.pyrunc.v2.shared"
 SIGKILL_STATUS = 128 + 9
 
 _RESET_SIGNALS = (13, 25)  # SIGPIPE, SIGXFSZ: Python ignores them, children must not inherit that
@@ -201,7 +209,7 @@ def _clean(path: str) -> str:
 
 def socket_address(containerd_address: str, namespace: str, group: str) -> str:
     """containerd's shim.SocketAddress: unix:///run/containerd/s/<sha256 of ADDR/NS/ID>."""
-    digest = hashlib.sha256(_clean(os.path.join(containerd_address, namespace, group)).encode()).hexdigest()
+    digest = sha256(_clean(os.path.join(containerd_address, namespace, group)).encode()).hexdigest()
     return f"unix://{SOCKET_ROOT}/{digest}"
 
 
@@ -226,7 +234,7 @@ def group_id(task_id: str, annotations: dict) -> str:
     return task_id
 
 
-def new_socket(address: str) -> socket.socket:
+def new_socket(address: str):
     """Listen on the address (mode 0600), as shim.NewSocket; EADDRINUSE passes through."""
     path = socket_path(address)
     abstract = path.startswith("\0")
@@ -249,12 +257,14 @@ def new_socket(address: str) -> socket.socket:
 
 
 def can_connect(address: str, timeout: float = 0.1) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
         sock.settimeout(timeout)
-        try:
-            sock.connect(socket_path(address))
-        except OSError:
-            return False
+        sock.connect(socket_path(address))
+    except OSError:
+        return False
+    finally:
+        sock.close()
     return True
 
 
@@ -295,6 +305,8 @@ def start(flags: Flags) -> str:
     if len(flags.address) > 0 and "\0" in flags.address:
         raise ShimError("invalid containerd address")
     group = group_id(flags.id, read_spec_annotations())
+    if group == flags.id and os.environ.get("PYRUNC_SHIM_GROUP") == "namespace":
+        group = SHARED_GROUP
     address = socket_address(flags.address, flags.namespace, group)
     try:
         sock = new_socket(address)
@@ -339,7 +351,7 @@ def self_executable() -> str:
     return shutil.which("containerd-shim-pyrunc-v2") or os.path.abspath(exe)
 
 
-def launch_server(flags: Flags, sock: socket.socket) -> int:
+def launch_server(flags: Flags, sock) -> int:
     """Start the server process serving `sock`; returns its pid."""
     argv = [self_executable(), *flags.server_args()]
     env = dict(os.environ)
@@ -514,7 +526,7 @@ def _package_dir() -> str:
 def code_fingerprint() -> str:
     """Changes whenever the code a zygote would run changes: the interpreter, this package and
     the project's core (their files' names, sizes and mtimes)."""
-    h = hashlib.sha256()
+    h = sha256()
     h.update(sys.executable.encode())
     h.update(sys.version.encode())
     pkg = _package_dir()
@@ -592,12 +604,14 @@ def start_zygote(path: str, timeout: float = 30.0) -> None:
     fcntl = _fcntl()
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(path)
-                return  # another `start` started it meanwhile
-            except OSError:
-                pass
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            return  # another `start` started it meanwhile
+        except OSError:
+            pass
+        finally:
+            probe.close()
         r, w = os.pipe()
         try:
             argv = [self_executable(), "zygote", path, "-" * 1024]

@@ -14,9 +14,11 @@ import asyncio
 import ctypes
 import gc
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 
 import structlog
 
@@ -50,15 +52,49 @@ def set_subreaper() -> None:
         raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
 
 
-def open_log(path: str = "log") -> None:
-    """Point stderr at the bundle's log fifo when someone reads it (containerd does)."""
+def open_log(path: str = "log") -> bool:
+    """Point stderr at a bundle's log fifo when someone reads it (containerd does); False, and
+    stderr left as it is, when nobody does."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return  # no reader, or no fifo: keep stderr as it is
+        return False
     os.set_blocking(fd, True)
     os.dup2(fd, 2, inheritable=False)
     os.close(fd)
+    return True
+
+
+class LogFollower:
+    """Keeps stderr on the log fifo of a bundle that still exists.
+
+    A server that serves several containers (grouped shims) starts with the first one's `log`;
+    containerd stops reading it and removes that bundle when the container is deleted. Then the
+    log moves to another container's bundle, or to /dev/null until a container comes."""
+
+    def __init__(self, bundle: str) -> None:
+        self.bundle = bundle
+
+    def update(self, bundles: list[str]) -> None:
+        if self.bundle in bundles:
+            return
+        for bundle in bundles:
+            if open_log(os.path.join(bundle, "log")):
+                self.bundle = bundle
+                return
+        if self.bundle:
+            fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            os.dup2(fd, 2, inheritable=False)
+            os.close(fd)
+            self.bundle = ""
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def warm_up() -> None:
@@ -95,23 +131,109 @@ def warm_up() -> None:
     TtrpcServer().register_betterproto(TaskService.__new__(TaskService))
 
 
+def rehearse(rounds: int = 40) -> None:
+    """Run one whole server in this process against a client and an events sink of our own.
+
+    The zygote does this before it forks: CPython 3.11 rewrites a function's bytecode in place
+    as it specialises it, and many libraries fill caches on first use; done once here, every
+    child shares those pages instead of dirtying copies of its own."""
+    tmp = tempfile.mkdtemp(prefix="pyrunc-rehearsal-")
+    saved = os.environ.get("TTRPC_ADDRESS")
+    os.environ["TTRPC_ADDRESS"] = os.path.join(tmp, "events.sock")
+    try:
+        asyncio.run(_rehearse(tmp, rounds))
+    finally:
+        if saved is None:
+            os.environ.pop("TTRPC_ADDRESS", None)
+        else:
+            os.environ["TTRPC_ADDRESS"] = saved
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _rehearse(tmp: str, rounds: int) -> None:
+    from betterproto.lib.google.protobuf import Empty
+
+    from pycontainerd.api.gen.containerd.events import TaskOom
+    from pycontainerd.api.gen.containerd.services.events.ttrpc.v1 import EventsBase, ForwardRequest
+    from pycontainerd.api.gen.containerd.task.v2 import (
+        ConnectRequest, ShutdownRequest, StateRequest, TaskStub, WaitRequest,
+    )
+    from pycontainerd.core import errdefs
+    from pycontainerd.core.ttrpc import TtrpcClient
+
+    received = asyncio.Event()
+
+    class Sink(EventsBase):
+        count = 0
+
+        async def forward(self, request: ForwardRequest) -> Empty:
+            Sink.count += 1
+            if Sink.count >= rounds:
+                received.set()
+            return Empty()
+
+    sink = TtrpcServer()
+    sink.register_betterproto(Sink())
+    await sink.start_unix(os.environ["TTRPC_ADDRESS"])
+    path = os.path.join(tmp, "shim.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    flags = launch.Flags()
+    flags.namespace = flags.id = "rehearsal"
+    ready = asyncio.get_running_loop().create_future()
+    server_task = asyncio.get_running_loop().create_task(serve(flags, listener.detach(), ready.set_result))
+    service = await ready
+    client = await TtrpcClient.connect(path, timeout=5)
+    task = client.stub(TaskStub, namespace=flags.namespace, timeout=5)
+    for _ in range(rounds):
+        await task.connect(ConnectRequest(id="rehearsal"))
+        for call, request in ((task.state, StateRequest(id="none")), (task.wait, WaitRequest(id="none"))):
+            try:
+                await call(request)
+            except errdefs.NotFound:
+                pass
+        service.publisher.publish("/tasks/oom", TaskOom(container_id="rehearsal"))
+    for _ in range(3):
+        await service.reaper.run(["runc", "--version"])
+    try:
+        await asyncio.wait_for(received.wait(), 10)
+    except asyncio.TimeoutError:
+        pass
+    try:
+        await task.shutdown(ShutdownRequest(id="rehearsal"))
+    except errdefs.Unavailable:
+        pass
+    await client.close()
+    await server_task
+    await sink.close(grace=1)
+
+
 def main(flags: launch.Flags, listen_fd: int | None = 3) -> int:
     if not flags.namespace:
         sys.stderr.write(f"{launch.NAME}: shim namespace cannot be empty")
         return 1
     set_subreaper()
-    open_log()
+    follower = LogFollower(os.getcwd() if open_log() else "")
     corelog.configure("debug" if flags.debug else "info", "text", stream=sys.stderr)
     structlog.contextvars.bind_contextvars(runtime=launch.NAME)
     gc.set_threshold(2000, 20, 20)
     try:
-        return asyncio.run(serve(flags, listen_fd))
+        address = launch.read_address("address")
+    except (OSError, launch.ShimError):
+        address = ""
+    os.chdir("/")  # the bundle may go (containerd removes it) while we serve others
+    try:
+        return asyncio.run(serve(flags, listen_fd, address=address, log_follower=follower))
     except Exception:  # noqa: BLE001
         log.exception("shim failed")
         return 1
 
 
-async def serve(flags: launch.Flags, listen_fd: int | None) -> int:
+async def serve(flags: launch.Flags, listen_fd: int | None, on_ready=None, address: str = "",
+                log_follower: LogFollower | None = None) -> int:
+    """Serve until shut down; `address` (this shim's, from the bundle's `address` file) names
+    the socket removed on the way out, unless someone replaced it meanwhile."""
     loop = asyncio.get_running_loop()
     reaper = Reaper()
     reaper.install(loop)
@@ -119,6 +241,9 @@ async def serve(flags: launch.Flags, listen_fd: int | None) -> int:
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
     publisher.start()
     service = TaskService(flags.namespace, publisher, reaper, done.set)
+    if log_follower is not None:
+        service.containers_changed = lambda: log_follower.update([c.bundle for c in service.containers.values()])
+    identity = _identity(launch.socket_path(address)) if address.startswith("unix://") else None
     server = TtrpcServer()
     server.register_betterproto(service)
     if listen_fd is not None:
@@ -135,13 +260,16 @@ async def serve(flags: launch.Flags, listen_fd: int | None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
     log.info("starting signal loop", namespace=flags.namespace, path=os.getcwd(), pid=os.getpid())
+    if on_ready is not None:
+        on_ready(service)
     await done.wait()
     log.debug("shutting down")
     await server.close(grace=1.0)
-    try:
-        launch.remove_socket(launch.read_address("address"))
-    except (OSError, launch.ShimError):
-        pass
+    if identity is not None and _identity(launch.socket_path(address)) == identity:
+        try:
+            launch.remove_socket(address)
+        except OSError:
+            pass
     await service.close()
     await publisher.close(timeout=5.0)
     reaper.uninstall()

@@ -120,6 +120,14 @@ class TaskService(TaskBase):
         reaper.handler = self._on_exit
         self.oom = cgroups.OOMWatcher(self._oom)
         self._exit_task = asyncio.get_running_loop().create_task(self._process_exits())
+        self.containers_changed: Callable[[], None] | None = None
+
+    def _changed(self) -> None:
+        if self.containers_changed is not None:
+            try:
+                self.containers_changed()
+            except Exception:  # noqa: BLE001 - a hook must not fail a call
+                log.exception("containers_changed hook")
 
     # ---------------------------------------------------------------------------- helpers
 
@@ -224,6 +232,7 @@ class TaskService(TaskBase):
                 container = Container(r.id, r.bundle, init, should_kill_all_on_exit(r.bundle))
                 self.containers[r.id] = container
                 self._index(container, init, subscription)
+                self._changed()
             finally:
                 self.reaper.unsubscribe(subscription)
         except BaseException:
@@ -277,6 +286,7 @@ class TaskService(TaskBase):
         else:
             if self.containers.get(request.id) is container:
                 del self.containers[request.id]
+                self._changed()
             self.oom.remove(container.id)
             for pid, (c, _p) in list(self._by_pid.items()):
                 if c is container:

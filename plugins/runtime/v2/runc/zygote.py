@@ -74,6 +74,7 @@ def preload() -> None:
     """Import and warm up everything a server uses, so that children only fork."""
     from . import server  # noqa: F401 - pulls in service, process, runc, stdio, reaper, publisher, cgroups
     server.warm_up()
+    server.rehearse()
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,12 +137,12 @@ def _become_server(conn: socket.socket, listen_fd: int, request: dict, peer_pid:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        if peer_pid:
-            join_cgroups_of(peer_pid)
         argv = [str(a) for a in request["argv"]]
         flags = launch.parse_flags(argv[1:])
         conn.sendall(json.dumps({"pid": os.getpid()}).encode())
         conn.close()
+        if peer_pid:  # after answering: `start` need not wait for it
+            join_cgroups_of(peer_pid)
         sys.argv = argv
         set_cmdline(argv)
         from . import server
@@ -241,7 +242,8 @@ def main(flags: launch.Flags) -> int:
     if not flags.args:
         sys.stderr.write("zygote: socket path required\n")
         return 2
-    path = flags.args[0]
+    path = os.path.abspath(flags.args[0])
+    os.chdir("/")  # started from some bundle: nothing may be relative to it
     set_cmdline([os.path.basename(launch.self_executable()), "zygote", path])
     try:
         idle = float(os.environ.get("PYRUNC_ZYGOTE_IDLE", DEFAULT_IDLE))
