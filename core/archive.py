@@ -162,8 +162,9 @@ class _Decoder:
     _END = object()
 
     def __init__(self, read: Callable[[int], bytes], compression: str, algorithm: str,
-                 use_pigz: Optional[bool]):
+                 use_pigz: Optional[bool], fileno: Optional[int] = None):
         self._read = read
+        self._fileno = fileno  # a regular file read from offset 0: unpigz may read it itself
         self.compression = compression  # GZIP, ZSTD, UNCOMPRESSED or DETECT
         self._algorithm = algorithm
         self._use_pigz = use_pigz
@@ -216,7 +217,9 @@ class _Decoder:
                 self.compression = detect_compression(first)
             if self.compression == GZIP:
                 pigz = None if self._use_pigz is False else _pigz_path("unpigz")
-                if pigz:
+                if pigz and self._fileno is not None:
+                    self._run_pigz_file(pigz, first)
+                elif pigz:
                     self._run_pigz(pigz, first)
                 else:
                     self._run_zlib(first)
@@ -313,6 +316,55 @@ class _Decoder:
             proc.stderr.close()
         if feed_error:
             raise feed_error[0]
+        if rc != 0 and not self._stop.is_set():
+            raise ArchiveError(f"gzip: unpigz failed ({rc}): {stderr or 'invalid gzip stream'}")
+
+    def _run_pigz_file(self, pigz: str, first: bytes) -> None:
+        """unpigz reads the file itself; a thread hashes it (page cache) meanwhile."""
+        fd = self._fileno
+        assert fd is not None
+        os.lseek(fd, 0, os.SEEK_SET)
+        proc = subprocess.Popen([pigz, "-d", "-c"], stdin=fd, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, bufsize=0)
+        self._proc = proc
+        _set_pipe_size(proc.stdout.fileno())
+        offset = len(first)
+        hash_error: list[BaseException] = []
+
+        def hash_rest() -> None:
+            nonlocal offset
+            try:
+                while not self._stop.is_set():
+                    data = os.pread(fd, CHUNK, offset)
+                    if not data:
+                        return
+                    offset += len(data)
+                    self.input_hash.update(data)
+                    self.input_size += len(data)
+            except BaseException as e:
+                hash_error.append(e)
+
+        hasher = threading.Thread(target=hash_rest, name="layer-hash", daemon=True)
+        self._threads.append(hasher)
+        hasher.start()
+        out_fd = proc.stdout.fileno()
+        try:
+            while not self._stop.is_set():
+                data = os.read(out_fd, CHUNK)
+                if not data:
+                    break
+                if not self._emit(data):
+                    break
+        finally:
+            if self._stop.is_set():
+                proc.kill()
+            hasher.join()
+            stderr = proc.stderr.read().decode(errors="replace").strip()
+            rc = proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+        if hash_error:
+            raise hash_error[0]
         if rc != 0 and not self._stop.is_set():
             raise ArchiveError(f"gzip: unpigz failed ({rc}): {stderr or 'invalid gzip stream'}")
 
@@ -1298,6 +1350,17 @@ def apply_tar(root: Union[str, bytes, os.PathLike], stream: Union[BinaryIO, _Inp
 Source = Union[str, bytes, os.PathLike, BinaryIO, Callable[[int], bytes]]
 
 
+def _regular_fileno(f: Any) -> Optional[int]:
+    """The fd of a regular file read from its start, which a subprocess may read directly."""
+    try:
+        fd = f.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode) and os.lseek(fd, 0, os.SEEK_CUR) == 0:
+            return fd
+    except (AttributeError, OSError, ValueError):
+        pass
+    return None
+
+
 def _reader_of(source: Source) -> tuple[Callable[[int], bytes], Optional[BinaryIO]]:
     if isinstance(source, (str, os.PathLike)):
         f = open(source, "rb", buffering=0)
@@ -1331,7 +1394,8 @@ def apply_layer(root: Union[str, bytes, os.PathLike], source: Source, media_type
     if algorithm not in hashlib.algorithms_available:
         raise errdefs.InvalidArgument(f"unsupported digest algorithm {algorithm!r}")
     read, owned = _reader_of(source)
-    decoder = _Decoder(read, compression, algorithm, use_pigz)
+    fileno = _regular_fileno(owned if owned is not None else source)
+    decoder = _Decoder(read, compression, algorithm, use_pigz, fileno)
     decoder.start()
     try:
         entries = apply_tar(root, _Input(decoder.get), overlay=overlay, parents=parents, workers=workers)

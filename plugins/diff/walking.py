@@ -193,9 +193,26 @@ class WalkingDiff:
         return Descriptor(media_type=archive.MEDIA_TYPE_LAYER, digest=result.diff_id,
                           size=result.uncompressed_size)
 
+    def _blob_file(self, digest: str) -> Optional[Any]:
+        """The blob's file in the local store, opened (unpigz can then read it itself)."""
+        blob_path = getattr(getattr(self.content, "backend", None), "blob_path", None)
+        if blob_path is None:
+            return None
+        try:
+            return open(blob_path(digest), "rb", buffering=0)
+        except (OSError, errdefs.ContainerdError):
+            return None
+
     def _apply_sync(self, desc: Descriptor, mounts: list[Mount], ra: Any) -> archive.ApplyResult:
+        f = self._blob_file(desc.digest)
+        try:
+            return self._apply_from(desc, mounts, f if f is not None else _BlobReader(ra).read)
+        finally:
+            if f is not None:
+                f.close()
+
+    def _apply_from(self, desc: Descriptor, mounts: list[Mount], source: Any) -> archive.ApplyResult:
         kwargs = dict(expected_digest=desc.digest, expected_size=desc.size if desc.size > 0 else -1)
-        source = _BlobReader(ra).read
         upper = mountmod.overlay_option(mounts, "upperdir") if len(mounts) == 1 and mounts[0].type == "overlay" else None
         if upper is not None:
             return archive.apply_layer(upper, source, desc.media_type, overlay=True,

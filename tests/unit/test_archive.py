@@ -679,3 +679,25 @@ def test_threaded_replacement_of_existing_files(root):
 def test_worker_errors_surface_with_the_member_name(root):
     with pytest.raises(errdefs.Unknown, match="failed to extract 'd/" + "n" * 10):
         archive.apply_layer(root, make_tar(member("d/ok", data=b"1"), member("d/" + "n" * 300, data=b"1")))
+
+
+@pytest.mark.parametrize("use_pigz", [False, None])
+def test_blob_files_read_by_unpigz_directly(sandbox, root, use_pigz):
+    raw = make_tar(member("f", data=os.urandom(3 << 20)), member("g", data=b"g"))
+    blob = gzip.compress(raw)
+    path = os.path.join(sandbox, "outside", "blob")
+    with open(path, "wb") as f:
+        f.write(blob)
+    res = apply(root, path, archive.MEDIA_TYPE_LAYER_GZIP, expected_digest=sha(blob), use_pigz=use_pigz)
+    assert (res.digest, res.size, res.diff_id) == (sha(blob), len(blob), sha(raw))
+    with open(path, "rb") as f:  # an open file works the same
+        assert apply(root, f, archive.MEDIA_TYPE_LAYER_GZIP, use_pigz=use_pigz).digest == sha(blob)
+    with open(path, "wb") as f:
+        f.write(blob[:-100])
+    with pytest.raises(ArchiveError, match="gzip"):
+        apply(root, path, archive.MEDIA_TYPE_LAYER_GZIP, use_pigz=use_pigz)
+    with open(path, "wb") as f:
+        f.write(blob)
+    with pytest.raises(ArchiveError, match="digest mismatch"):
+        apply(root, path, archive.MEDIA_TYPE_LAYER_GZIP, expected_digest=sha(b"x"), use_pigz=use_pigz)
+    os.unlink(path)
