@@ -14,11 +14,17 @@ import base64
 import hashlib
 import logging
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 from urllib.parse import urlencode, urljoin, urlsplit
 
-import httpx
+if "httpx" not in sys.modules:
+    # httpx's command-line module (`httpx._main`) pulls in click, rich and pygments when they are
+    # installed; this library never uses it. A None entry makes that import fail fast, and httpx
+    # then defines a stub `main` instead.
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+import httpx  # noqa: E402
 
 from pycontainerd.core import digest as digests
 from pycontainerd.core import errdefs
