@@ -301,6 +301,81 @@ def test_import_docker_save_matches_ctr(workdir, busybox_tar, reference, server)
     assert images(server, ns_ours) == images(reference, ns_ctr)
 
 
+def test_import_docker_save_compress_blobs(server, workdir, busybox_tar):
+    archive = _docker_archive(workdir, busybox_tar)
+    ns = unique("compress")
+    pyctr(server, "images", "import", "--compress-blobs", str(archive), ns=ns)
+    target = images(server, ns)["docker.io/foo/bar:1"]
+
+    async def manifest(svc):
+        return json.loads(await svc.read_all(target))
+    m = query(server, ns, manifest)
+    layer = m["layers"][0]
+    assert layer["mediaType"] == "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    blobs = content(server, ns)
+    _, _, config = layout_parts(read_layout(busybox_tar[0]))
+    assert blobs[layer["digest"]]["containerd.io/uncompressed"] == config["rootfs"]["diff_ids"][0]
+
+
+def multi_platform_layout(src: Path, out: Path) -> tuple[str, str, str]:
+    """An OCI layout whose index.json names (as "latest") a nested index of two manifests:
+    the busybox one (linux/amd64) and a linux/arm64 twin (same layer, its own config).
+    Returns (index digest, amd64 manifest digest, arm64 manifest digest)."""
+    files = read_layout(src)
+    index, manifest, config = layout_parts(files)
+    amd = index["manifests"][0]
+    arm_config = json.dumps({**config, "architecture": "arm64"}).encode()
+    arm_manifest = json.dumps({**manifest, "config": {**manifest["config"], "digest": sha256(arm_config),
+                                                      "size": len(arm_config)}}).encode()
+    files[blob_name(sha256(arm_config))] = arm_config
+    files[blob_name(sha256(arm_manifest))] = arm_manifest
+    nested = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                         "manifests": [
+        {"mediaType": amd["mediaType"], "digest": amd["digest"], "size": amd["size"],
+         "platform": {"architecture": "amd64", "os": "linux"}},
+        {"mediaType": amd["mediaType"], "digest": sha256(arm_manifest), "size": len(arm_manifest),
+         "platform": {"architecture": "arm64", "os": "linux"}}]}).encode()
+    files[blob_name(sha256(nested))] = nested
+    files["index.json"] = json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": sha256(nested),
+         "size": len(nested), "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}).encode()
+    write_tar(out, files)
+    return sha256(nested), amd["digest"], sha256(arm_manifest)
+
+
+def test_import_platforms(server, workdir, busybox_tar):
+    if os.uname().machine != "x86_64":
+        pytest.skip("the layout below assumes an amd64 host")
+    archive = workdir / "multi.tar"
+    idx, amd, arm = multi_platform_layout(busybox_tar[0], archive)
+    ns = unique("plat")
+    pyctr(server, "images", "import", "--base-name", "x.io/multi", str(archive), ns=ns)
+    assert images(server, ns) == {"x.io/multi:latest": idx}
+    labels = content(server, ns)[idx]
+    assert labels == {"containerd.io/gc.ref.content.m.0": amd}
+    assert snapshots(server, ns)
+
+    ns2 = unique("plat-all")
+    pyctr(server, "images", "import", "--no-unpack", "--all-platforms", "--base-name", "x.io/multi",
+          str(archive), ns=ns2)
+    labels = content(server, ns2)[idx]
+    assert labels == {"containerd.io/gc.ref.content.m.0": amd, "containerd.io/gc.ref.content.m.1": arm}
+    assert "containerd.io/gc.ref.content.config" in content(server, ns2)[arm]
+
+    ns3 = unique("plat-arm")
+    pyctr(server, "images", "import", "--no-unpack", "--platform", "linux/arm64", "--base-name",
+          "x.io/multi", str(archive), ns=ns3)
+    assert content(server, ns3)[idx] == {"containerd.io/gc.ref.content.m.0": arm}
+    # exporting for arm64 picks that manifest for manifest.json
+    out = workdir / f"multi-arm-{server.kind}.tar"
+    pyctr(server, "images", "export", "--platform", "linux/arm64", str(out), "x.io/multi:latest", ns=ns3)
+    files = read_layout(out)
+    dm = json.loads(files["manifest.json"])
+    arm_manifest = json.loads(files[blob_name(arm)])
+    assert dm[0]["Config"] == blob_name(arm_manifest["config"]["digest"])
+    assert blob_name(amd) not in files
+
+
 # -- refusals ------------------------------------------------------------------------------------
 
 def _assert_nothing(server: Daemon, ns: str) -> None:

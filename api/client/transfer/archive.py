@@ -24,6 +24,7 @@ import posixpath
 import re
 import tarfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Optional
 
@@ -59,7 +60,7 @@ class ImportOptions:
     index_name: str = ""
     all_platforms: bool = False
     platform: str = ""
-    compress_blobs: bool = False  # accepted for ctr compatibility; layers are kept as they are
+    compress_blobs: bool = False  # docker archives: gzip uncompressed layers
 
     def matcher(self) -> plat.Matcher:
         if self.all_platforms:
@@ -366,8 +367,52 @@ class _Importer:
             else:
                 member = self._member(layer.digest)
                 await self.ensure(layer, "layer")
-                layers[i] = layer.copy(media_type=_layer_type(member.head if member else b""))
+                media_type = _layer_type(member.head if member else b"")
+                if media_type == mt.DOCKER_LAYER and self.options.compress_blobs:
+                    layers[i] = await self._compress(layer)
+                else:
+                    layers[i] = layer.copy(media_type=media_type)
         return layers
+
+    async def _compress(self, layer: Descriptor) -> Descriptor:
+        """--compress-blobs: store a gzip of uncompressed layer `layer` (labelled with its
+        uncompressed digest, as containerd does) and describe that instead."""
+        algorithm, _, encoded = layer.digest.partition(":")
+        ref = f"compress-blob-{algorithm}-{encoded}"
+        z = zlib.compressobj(6, zlib.DEFLATED, 31)
+        hasher = hashlib.sha256()
+        size = 0
+        key = f"compress-{layer.digest}"
+        self.progress.start(key, layer.size, "compressing")
+        async with self.svc.writer(ref, 0, "") as w:
+            if w.offset:
+                await self.svc.abort(ref)
+                raise errdefs.Unavailable(f"{ref}: a compression was in progress; retry")
+            member = self._member(layer.digest)
+
+            async def chunks():
+                if member is not None and member.data is not None:
+                    for i in range(0, len(member.data), CHUNK):
+                        yield member.data[i:i + CHUNK]
+                else:
+                    async for chunk in self.svc.read_chunks(layer.digest):
+                        yield chunk
+
+            async for chunk in chunks():
+                out = await asyncio.to_thread(z.compress, chunk)
+                self.progress.advance(key, len(chunk))
+                if out:
+                    hasher.update(out)
+                    size += len(out)
+                    await w.write(out)
+            out = z.flush()
+            hasher.update(out)
+            size += len(out)
+            await w.write(out)
+            digest = "sha256:" + hasher.hexdigest()
+            await w.commit(size, digest, labels={mt.LABEL_UNCOMPRESSED: layer.digest})
+        self.progress.finish(key)
+        return Descriptor(mt.DOCKER_LAYER_GZIP, digest, size)
 
     # -- the walk ------------------------------------------------------------------------------
 

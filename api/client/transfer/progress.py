@@ -60,6 +60,14 @@ def human_size(n: float) -> str:
     return f"{n:.1f} {units[i]}"
 
 
+def _short(key: str) -> str:
+    """"layer-sha256:0123456789abcdef..." -> "layer-sha256:0123456789ab" (as docker shows ids)."""
+    i = key.find("sha256:")
+    if i >= 0 and len(key) >= i + 7 + 64:
+        return key[:i + 7 + 12] + key[i + 7 + 64:]
+    return key
+
+
 class TerminalProgress(Progress):
     """Draws the jobs on a terminal; use as `async with` around the transfer."""
 
@@ -115,9 +123,11 @@ class TerminalProgress(Progress):
     def render(self) -> list[str]:
         width = shutil.get_terminal_size((100, 20)).columns
         lines = []
-        keyw = min(max((len(k) for k in self.jobs), default=10), max(width // 2, 20))
+        names = {k: _short(k) for k in self.jobs}
+        keyw = min(max((len(n) for n in names.values()), default=10), max(width // 2, 20))
         for job in self.jobs.values():
-            key = job.key if len(job.key) <= keyw else "…" + job.key[-(keyw - 1):]
+            key = names[job.key]
+            key = key if len(key) <= keyw else key[:keyw - 1] + "…"
             head = f"{key:<{keyw}} {job.status:<11}"
             if job.total and job.status not in ("done", "exists", "already exists"):
                 frac = min(job.offset / job.total, 1.0)
