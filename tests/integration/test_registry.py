@@ -111,8 +111,8 @@ class Registry:
 
 class Proxy:
     """Forwards to an upstream registry; `mode` makes it misbehave on blob GETs bigger than 64 KiB:
-    corrupt (one byte flipped), truncate (half the body, then close), drop_once (the first such
-    GET is cut halfway, later ones are served, Range included), hang (never answers), bearer
+    corrupt (one byte flipped), truncate (half the body, then close), drop_once (the first GET of
+    a blob over 2 MiB is cut halfway, later ones are served, Range included), hang (never answers), bearer
     (wants a token from /token; with `creds`, the token endpoint wants basic auth)."""
 
     def __init__(self, upstream: str, mode: str = "", creds: tuple[str, str] | None = None):
@@ -202,7 +202,8 @@ class Proxy:
             data = bytearray(data)
             data[len(data) // 2] ^= 0xFF
             data = bytes(data)
-        if big_blob and (self.mode == "truncate" or (self.mode == "drop_once" and self.dropped == 0)):
+        huge = big_blob and len(data) > (2 << 20)  # more than one 1 MiB chunk before the cut
+        if big_blob and (self.mode == "truncate" or (self.mode == "drop_once" and huge and self.dropped == 0)):
             self.dropped += 1
             h.send_response(resp.status)
             for k, v in out_headers.items():
@@ -271,37 +272,47 @@ def make_image(out: Path, *args: str) -> str:
 
 def upload_layout(host: str, repo: str, tag: str, layout: Path) -> str:
     """Push an OCI layout tar to a registry with plain HTTP requests (no daemon involved), so
-    that its blobs are in no daemon's content store; returns the manifest digest."""
+    that its blobs are in no daemon's content store: blobs first, then the manifests (children
+    by digest), then what index.json names under `tag`; returns that digest."""
     import tarfile
     with tarfile.open(layout) as tar:
         files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isreg()}
-    index = json.loads(files["index.json"])
-    mdesc = index["manifests"][0]
+    top = json.loads(files["index.json"])["manifests"][0]
+    docs: list[tuple[dict, bytes]] = []
+
+    def walk(desc: dict) -> None:
+        data = files["blobs/sha256/" + desc["digest"].split(":")[1]]
+        doc = json.loads(data)
+        for child in doc.get("manifests", []):
+            walk(child)
+        docs.append((desc, data))
+    walk(top)
+    manifest_names = {"blobs/sha256/" + d["digest"].split(":")[1] for d, _ in docs}
     conn = http.client.HTTPConnection(host, timeout=60)
-    for name, data in files.items():
-        if not name.startswith("blobs/sha256/") or name.endswith(mdesc["digest"].split(":")[1]):
-            continue
-        digest = "sha256:" + name.rsplit("/", 1)[1]
-        conn.request("POST", f"/v2/{repo}/blobs/uploads/", headers={"Content-Length": "0"})
+
+    def call(method: str, path: str, body: bytes = b"", headers: dict | None = None) -> http.client.HTTPResponse:
+        conn.request(method, path, body=body, headers={"Content-Length": str(len(body)), **(headers or {})})
         r = conn.getresponse()
         r.read()
+        return r
+
+    for name, data in files.items():
+        if not name.startswith("blobs/sha256/") or name in manifest_names:
+            continue
+        r = call("POST", f"/v2/{repo}/blobs/uploads/")
         assert r.status == 202, r.status
         loc = r.getheader("Location")
         loc = loc.split(host, 1)[1] if "://" in loc else loc
         sep = "&" if "?" in loc else "?"
-        conn.request("PUT", f"{loc}{sep}digest={digest}", body=data,
-                     headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))})
-        r = conn.getresponse()
-        r.read()
+        r = call("PUT", f"{loc}{sep}digest=sha256:{name.rsplit('/', 1)[1]}", data,
+                 {"Content-Type": "application/octet-stream"})
         assert r.status == 201, (r.status, name)
-    manifest = files["blobs/sha256/" + mdesc["digest"].split(":")[1]]
-    conn.request("PUT", f"/v2/{repo}/manifests/{tag}", body=manifest,
-                 headers={"Content-Type": mdesc["mediaType"], "Content-Length": str(len(manifest))})
-    r = conn.getresponse()
-    r.read()
-    assert r.status == 201, r.status
+    for desc, data in docs:
+        ref = tag if desc is top else desc["digest"]
+        r = call("PUT", f"/v2/{repo}/manifests/{ref}", data, {"Content-Type": desc["mediaType"]})
+        assert r.status == 201, r.status
     conn.close()
-    return mdesc["digest"]
+    return top["digest"]
 
 
 @pytest.fixture
@@ -577,3 +588,45 @@ def test_unknown_reference_and_host(server, registry):
     port = free_port()
     line = one_error(pyctr(server, "images", "pull", f"127.0.0.1:{port}/x/y:z", ns=ns, ok=False))
     assert images(server, ns) == {}
+
+
+def test_pull_platforms(server, registry, tmp_path):
+    if os.uname().machine != "x86_64":
+        pytest.skip("the image below assumes an amd64 host")
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from test_transfer import multi_platform_layout
+    finally:
+        sys.path.pop(0)
+    base = tmp_path / "base.tar"
+    make_image(base, "--extra-mb", "1")
+    layout = tmp_path / "multi.tar"
+    idx, amd, arm = multi_platform_layout(base, layout)
+    repo = f"{unique('multi')}/img"
+    assert upload_layout(registry.host, repo, "v1", layout) == idx
+    ref = f"{registry.host}/{repo}:v1"
+
+    ns = unique("pp")
+    r = pyctr(server, "images", "pull", ref, ns=ns)
+    assert r.stdout.startswith(f"unpacking linux/amd64 {idx}...")
+    blobs = content(server, ns)
+    assert amd in blobs and arm not in blobs
+    assert blobs[idx]["containerd.io/gc.ref.content.m.0"] == amd
+
+    ns2 = unique("pp-all")
+    r = pyctr(server, "images", "pull", "--all-platforms", "--print-chainid", ref, ns=ns2)
+    assert "unpacking linux/amd64" in r.stdout and "unpacking linux/arm64" in r.stdout
+    assert r.stdout.count("image chain ID: sha256:") == 2
+    blobs = content(server, ns2)
+    assert amd in blobs and arm in blobs
+
+    ns3 = unique("pp-arm")
+    pyctr(server, "images", "pull", "--platform", "linux/arm64", ref, ns=ns3)
+    blobs = content(server, ns3)
+    assert arm in blobs and amd not in blobs
+    # push only one platform of it back, as ctr push --platform does: that manifest alone
+    target = f"{registry.host}/{unique('one')}/img:arm"
+    pyctr(server, "images", "push", "--platform", "linux/arm64", target, ref, ns=ns3)
+    ns4 = unique("pp-back")
+    pyctr(server, "images", "pull", "--platform", "linux/arm64", "--no-unpack", target, ns=ns4)
+    assert images(server, ns4) == {target: arm}
