@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import logging
 import os
 import shutil
 import signal
@@ -97,6 +98,21 @@ def _identity(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+_logging_configured = False
+
+
+def configure_logging(debug: bool) -> None:
+    """logrus-like text on stderr (fd 2, whatever it points to), `runtime=` on every line. Done
+    once in the zygote; a forked server only changes the level when it runs with -debug."""
+    global _logging_configured
+    if not _logging_configured:
+        corelog.configure("info", "text", stream=sys.stderr)
+        structlog.contextvars.bind_contextvars(runtime=launch.NAME)
+        _logging_configured = True
+    if debug:
+        logging.getLogger().setLevel(logging.DEBUG)
+
+
 def warm_up() -> None:
     """Exercise what every shim uses, so the zygote's children inherit it ready (betterproto
     builds its per-class field tables on first use)."""
@@ -122,7 +138,7 @@ def warm_up() -> None:
                     pass
     for cls in (ProtoAny, Envelope, ForwardRequest, Mount, ProcessInfo):
         cls().parse(bytes(cls()))
-    corelog.configure("info", "text", stream=sys.stderr)
+    configure_logging(False)
     from pycontainerd.core import mount as mountlib
     mountlib._lib()  # loads libc through ctypes.util.find_library, which runs `ldconfig -p`
     set_subreaper_lib()
@@ -215,8 +231,7 @@ def main(flags: launch.Flags, listen_fd: int | None = 3) -> int:
         return 1
     set_subreaper()
     follower = LogFollower(os.getcwd() if open_log() else "")
-    corelog.configure("debug" if flags.debug else "info", "text", stream=sys.stderr)
-    structlog.contextvars.bind_contextvars(runtime=launch.NAME)
+    configure_logging(flags.debug)
     gc.set_threshold(2000, 20, 20)
     try:
         address = launch.read_address("address")
@@ -273,4 +288,7 @@ async def serve(flags: launch.Flags, listen_fd: int | None, on_ready=None, addre
     await service.close()
     await publisher.close(timeout=5.0)
     reaper.uninstall()
+    times = os.times()
+    log.debug("exiting", cpu_user=round(times.user, 3), cpu_system=round(times.system, 3),
+              events_sent=publisher.sent, events_dropped=publisher.dropped)
     return 0

@@ -77,6 +77,57 @@ def preload() -> None:
     server.rehearse()
 
 
+_fillers: list = []
+
+
+def _malloc_stats() -> tuple[dict[int, int], int]:
+    """Free blocks per small-object size class and unused pools, from sys._debugmallocstats()."""
+    import re
+    import tempfile
+
+    fd, path = tempfile.mkstemp()
+    saved = os.dup(2)
+    try:
+        os.dup2(fd, 2)
+        sys._debugmallocstats()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+    with open(path) as f:
+        text = f.read()
+    os.unlink(path)
+    free: dict[int, int] = {}
+    for m in re.finditer(r"^\s+\d+\s+(\d+)\s+\d+\s+\d+\s+(\d+)$", text, re.M):
+        free[int(m.group(1))] = int(m.group(2))
+    m = re.search(r"^(\d+) unused pools \* (\d+) bytes", text, re.M)
+    return free, int(m.group(1)) * int(m.group(2)) if m else 0
+
+
+def fill_free_blocks() -> None:
+    """Use up the free blocks of the zygote's partly used obmalloc pools (and its unused pools).
+
+    Otherwise a child's first allocations land in those pools, all over pages it shares with
+    the zygote, and each such allocation copies a page. With them full, children allocate in
+    arenas of their own. Costs the zygote only memory it had mapped already."""
+    try:
+        free, unused_bytes = _malloc_stats()
+    except (OSError, AttributeError):
+        return
+    for size, count in free.items():
+        if not count:
+            continue
+        if size == 16:
+            _fillers.append([object() for _ in range(count)])
+        elif size == 32:
+            _fillers.append([float(i) + 0.5 for i in range(count)])
+        elif size > 33:
+            _fillers.append([bytes(size - 33) for _ in range(count)])
+    if unused_bytes:
+        _fillers.append([bytes(512 - 33) for _ in range(unused_bytes // 512)])
+    gc.freeze()
+
+
 # --------------------------------------------------------------------------------------------
 # The server side of a request, in the forked grandchild
 
@@ -261,6 +312,7 @@ def main(flags: launch.Flags) -> int:
     identity = _socket_identity(path)
     gc.collect()
     gc.freeze()
+    fill_free_blocks()
     os.write(1, b"ready\n")
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 1)
