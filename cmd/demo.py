@@ -1,7 +1,8 @@
 """`make demo`: the main job on the embedded defaults, end to end, in a throwaway root.
 
-Starts the daemon on temporary root/state/socket paths, waits until it serves, and drives it
-with pyctr the way a user would. Everything it starts is stopped and removed at the end.
+Starts the daemon on temporary root/state/socket paths, imports the busybox image pyctr builds
+from the machine's /usr/bin/busybox (busybox-static), runs containers in it with the Python shim,
+and cleans up. Everything it starts is stopped and removed at the end, even on failure.
 """
 from __future__ import annotations
 
@@ -23,6 +24,17 @@ def step(title: str, *argv: str, address: str) -> None:
     subprocess.run([str(BIN / "pyctr"), "-a", address, *argv], check=True)
 
 
+def wait_stopped(address: str, task: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run([str(BIN / "pyctr"), "-a", address, "tasks", "ls"], capture_output=True,
+                             text=True).stdout
+        if any(line.split()[:1] == [task] and "STOPPED" in line for line in out.splitlines()):
+            return
+        time.sleep(0.1)
+    raise subprocess.CalledProcessError(1, ["tasks", "ls"], f"{task} did not stop")
+
+
 def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="pycd-demo-"))
     address = str(tmp / "d.sock")
@@ -40,13 +52,22 @@ def main() -> int:
         sys.stdout.write(f"pycontainerd is serving on {address}\n")
         step("client and server versions", "version", address=address)
         step("every plugin and its status", "plugins", "ls", address=address)
-        step("a namespace of our own", "namespaces", "create", "demo", "purpose=demo", address=address)
-        step("namespaces", "namespaces", "ls", address=address)
-        step("a lease that expires in an hour", "-n", "demo", "leases", "create", "--id", "demo-lease",
-             "--expires", "1h", address=address)
-        step("leases", "-n", "demo", "leases", "ls", address=address)
-        step("clean up", "-n", "demo", "leases", "rm", "demo-lease", address=address)
-        step("clean up", "namespaces", "rm", "demo", address=address)
+        step("import the embedded busybox image and unpack it", "images", "import", "--busybox",
+             address=address)
+        step("images", "images", "ls", address=address)
+        step("run a container with our Python shim (the default runtime)", "run", "--rm",
+             "docker.io/library/busybox:latest", "demo-hello", "sh", "-c",
+             "echo hello from $(hostname), pid $$ in its own namespace; uname -a", address=address)
+        step("run one in the background", "run", "-d", "docker.io/library/busybox:latest", "demo-sleep",
+             "sleep", "600", address=address)
+        step("tasks", "tasks", "ls", address=address)
+        step("exec into it", "tasks", "exec", "--exec-id", "demo-exec", "demo-sleep", "ps", address=address)
+        step("stop it", "tasks", "kill", "--signal", "SIGKILL", "demo-sleep", address=address)
+        wait_stopped(address, "demo-sleep")
+        step("remove it", "tasks", "rm", "demo-sleep", address=address)
+        step("and its container", "containers", "rm", "demo-sleep", address=address)
+        step("remove the image, collecting its content and snapshots", "images", "rm", "--sync",
+             "docker.io/library/busybox:latest", address=address)
         return 0
     except subprocess.CalledProcessError as e:
         sys.stderr.write(f"demo: step failed: {e}\n")
