@@ -30,11 +30,11 @@ def _lazy() -> tuple:
     from pycontainerd.api.client.transfer import archive, busybox
     from pycontainerd.api.client.transfer import platforms as plat
     from pycontainerd.api.client.transfer.progress import Progress
-    from pycontainerd.api.client.transfer.pull import PullOptions, fetch, image_platforms
+    from pycontainerd.api.client.transfer.pull import PullOptions, fetch, image_platforms, pull
     from pycontainerd.api.client.transfer.push import PushOptions, push, select_platform_manifest
     from pycontainerd.api.client.transfer.unpack import unpack
     return (archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest,
-            unpack, PullOptions, PushOptions)
+            unpack, PullOptions, PushOptions, pull)
 
 from .pyctr_output import label_args
 
@@ -92,7 +92,8 @@ async def _unpack_images(svc: Any, images: list, matcher: Any, snapshotter: str,
 
 @_with_services
 async def cmd_import(svc: Any, args: argparse.Namespace) -> None:
-    archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack, PullOptions, PushOptions = _lazy()
+    (archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack,
+     PullOptions, PushOptions, pull_and_unpack) = _lazy()
     options = archive.ImportOptions(base_name=args.base_name, digests=args.digests,
                                     skip_digest_for_named=args.skip_digest_for_named,
                                     index_name=args.index_name, all_platforms=args.all_platforms,
@@ -129,7 +130,8 @@ async def cmd_import(svc: Any, args: argparse.Namespace) -> None:
 
 @_with_services
 async def cmd_export(svc: Any, args: argparse.Namespace) -> None:
-    archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack, PullOptions, PushOptions = _lazy()
+    (archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack,
+     PullOptions, PushOptions, pull_and_unpack) = _lazy()
     if not args.output or not args.images:
         raise errdefs.InvalidArgument("please provide both an output filename and an image reference to export")
     options = archive.ExportOptions(platforms=args.platform, all_platforms=args.all_platforms,
@@ -166,7 +168,8 @@ async def cmd_export(svc: Any, args: argparse.Namespace) -> None:
 
 @_with_services
 async def cmd_pull(svc: Any, args: argparse.Namespace) -> None:
-    archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack, PullOptions, PushOptions = _lazy()
+    (archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack,
+     PullOptions, PushOptions, pull_and_unpack) = _lazy()
     if not args.ref:
         raise errdefs.InvalidArgument("please provide an image reference to pull")
     options = PullOptions(platforms=args.platform, all_platforms=args.all_platforms,
@@ -175,6 +178,17 @@ async def cmd_pull(svc: Any, args: argparse.Namespace) -> None:
     remote = _remote(args)
     progress = _progress(args, args.ref)
     async with svc.leased() as leased:
+        if not args.no_unpack and not args.all_platforms and len(args.platform) <= 1:
+            # one platform: unpack while the layers download
+            p = plat.parse(args.platform[0]) if args.platform else plat.default()
+            start = time.monotonic()
+            async with progress:
+                img, chain = await pull_and_unpack(leased, args.ref, remote, options, progress, p)
+            print(f"unpacking {plat.format(p)} {img.target.digest}...", flush=True)
+            if args.print_chainid:
+                print(f"image chain ID: {chain}", flush=True)
+            print(f"done: {_go_duration(time.monotonic() - start)}\t", flush=True)
+            return
         async with progress:
             img = await fetch(leased, args.ref, remote, options, progress)
         if args.no_unpack:
@@ -212,7 +226,8 @@ def _go_duration(seconds: float) -> str:
 
 @_with_services
 async def cmd_push(svc: Any, args: argparse.Namespace) -> None:
-    archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack, PullOptions, PushOptions = _lazy()
+    (archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack,
+     PullOptions, PushOptions, pull_and_unpack) = _lazy()
     if not args.remote:
         raise errdefs.InvalidArgument("please provide a remote image reference to push")
     if args.manifest:
@@ -243,7 +258,8 @@ async def cmd_push(svc: Any, args: argparse.Namespace) -> None:
 
 @_with_services
 async def cmd_unpack(svc: Any, args: argparse.Namespace) -> None:
-    archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack, PullOptions, PushOptions = _lazy()
+    (archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack,
+     PullOptions, PushOptions, pull_and_unpack) = _lazy()
     matcher = plat.Matcher([plat.parse(args.platform)]) if args.platform else plat.Matcher([plat.default()])
     images = [await svc.image_get(name) for name in args.images]
     await _unpack_images(svc, images, matcher, args.snapshotter, Progress())

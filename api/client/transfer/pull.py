@@ -70,8 +70,37 @@ def _append_source(existing: str, repo: str) -> str:
     return ",".join(sorted(set(repos)))
 
 
+class Arrivals:
+    """Which blobs a running fetch has stored: `wait(digest)` returns once that blob is in the
+    content store, or once the fetch is over (whatever it fetched or not)."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+        self._over = False
+
+    def _event(self, digest: str) -> asyncio.Event:
+        ev = self._events.get(digest)
+        if ev is None:
+            ev = self._events[digest] = asyncio.Event()
+            if self._over:
+                ev.set()
+        return ev
+
+    def arrived(self, digest: str) -> None:
+        self._event(digest).set()
+
+    def over(self) -> None:
+        self._over = True
+        for ev in self._events.values():
+            ev.set()
+
+    async def wait(self, digest: str) -> None:
+        await self._event(digest).wait()
+
+
 class _Fetcher:
-    def __init__(self, svc: Services, registry: Registry, limit: int, progress: Progress):
+    def __init__(self, svc: Services, registry: Registry, limit: int, progress: Progress,
+                 arrivals: Optional[Arrivals] = None):
         self.svc = svc
         self.registry = registry
         self.sem = asyncio.Semaphore(max(limit, 1))
@@ -84,6 +113,7 @@ class _Fetcher:
         self.source_key = mt.LABEL_DISTRIBUTION_SOURCE + host
         self.repo = registry.repository
         self.seen: dict[str, asyncio.Task] = {}
+        self.arrivals = arrivals or Arrivals()
 
     async def dispatch(self, desc: Descriptor, matcher: plat.Matcher, depth: int = 0) -> None:
         if depth > 8:
@@ -92,6 +122,7 @@ class _Fetcher:
             raise errdefs.Unimplemented(f"{desc.media_type} not supported")
         async with self.sem:
             data = await self.fetch(desc)
+        self.arrivals.arrived(desc.digest)
         kids: list[Descriptor] = []
         if data is not None:
             doc = mt.parse_document(data, desc)
@@ -107,6 +138,13 @@ class _Fetcher:
         await self._source_label(desc)
         if kids:
             await asyncio.gather(*(self._once(k, matcher, depth + 1) for k in kids))
+
+    async def cancel(self) -> None:
+        """Stop every fetch still running (after a failure)."""
+        tasks = [t for t in self.seen.values() if not t.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _once(self, desc: Descriptor, matcher: plat.Matcher, depth: int) -> asyncio.Task:
         task = self.seen.get(desc.digest)
@@ -222,8 +260,50 @@ async def fetch(svc: Services, ref: str, remote: Optional[RemoteOptions] = None,
         progress.note(ref, "resolved")
         async with svc.leased() as leased:
             fetcher = _Fetcher(leased, registry, options.max_concurrent_downloads, progress)
-            await fetcher.dispatch(desc, matcher)
+            try:
+                await fetcher.dispatch(desc, matcher)
+            except BaseException:
+                await fetcher.cancel()
+                raise
             return await leased.image_put(ref, desc, options.labels)
+
+
+async def pull(svc: Services, ref: str, remote: Optional[RemoteOptions] = None,
+               options: Optional[PullOptions] = None, progress: Optional[Progress] = None,
+               platform: Optional[mt.Platform] = None) -> tuple[ImageRecord, str]:
+    """Fetch `ref`, record it, and unpack it for `platform` (the host's by default) while it
+    downloads: each layer is applied as soon as it and the ones below it are stored. Returns the
+    image and its chain id. The image is recorded when the fetch is complete, before the unpack
+    ends (an unpack failure leaves the image, as with ctr)."""
+    from .unpack import unpack
+
+    options = options or PullOptions()
+    progress = progress or Progress()
+    matcher = options.matcher()
+    want = plat.Matcher([platform or plat.default()])
+    async with registry_for(ref, remote) as registry:
+        desc = await registry.resolve()
+        progress.note(ref, "resolved")
+        async with svc.leased() as leased:
+            arrivals = Arrivals()
+            fetcher = _Fetcher(leased, registry, options.max_concurrent_downloads, progress, arrivals)
+            unpacking = asyncio.ensure_future(unpack(leased, desc, want, options.snapshotter,
+                                                     wait=arrivals.wait))
+            try:
+                try:
+                    await fetcher.dispatch(desc, matcher)
+                except BaseException:
+                    await fetcher.cancel()
+                    raise
+                finally:
+                    arrivals.over()
+                record = await leased.image_put(ref, desc, options.labels)
+                chain = await unpacking
+            except BaseException:
+                unpacking.cancel()
+                await asyncio.gather(unpacking, return_exceptions=True)
+                raise
+            return record, chain
 
 
 async def image_platforms(svc: Services, target: Descriptor) -> list[mt.Platform]:

@@ -16,7 +16,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Awaitable, Callable, Optional
 
 from pycontainerd.core import errdefs
 
@@ -67,15 +67,25 @@ class ResolvedImage:
                                           variant=str(c.get("variant", "") or "")))
 
 
+Waiter = Optional[Callable[[str], Awaitable[None]]]
+
+
+async def _no_wait(digest: str) -> None:
+    return None
+
+
 async def resolve_manifest(svc: Services, target: Descriptor, matcher: plat.Matcher,
-                           depth: int = 0) -> Descriptor:
-    """The manifest `target` stands for on the matcher's platform (best match of an index)."""
+                           depth: int = 0, wait: Waiter = None) -> Descriptor:
+    """The manifest `target` stands for on the matcher's platform (best match of an index).
+    `wait(digest)`, when given, is awaited before a blob is read (a pull still fetching it)."""
+    wait = wait or _no_wait
     if depth > 8:
         raise errdefs.InvalidArgument(f"{target.digest}: indexes nested too deeply")
     if mt.is_manifest(target.media_type):
         return target
     if not mt.is_index(target.media_type):
         raise errdefs.InvalidArgument(f"{target.digest}: unknown manifest media type {target.media_type!r}")
+    await wait(target.digest)
     data = await svc.read_all(target.digest, limit=mt.MAX_MANIFEST_SIZE)
     doc = mt.parse_document(data, target)
     candidates = [c for c in mt.children(doc, target)
@@ -83,18 +93,22 @@ async def resolve_manifest(svc: Services, target: Descriptor, matcher: plat.Matc
     candidates.sort(key=lambda c: matcher.rank(c.platform))
     for c in candidates:
         try:
-            return await resolve_manifest(svc, c, matcher, depth + 1)
+            return await resolve_manifest(svc, c, matcher, depth + 1, wait)
         except errdefs.NotFound:
             continue
     raise errdefs.NotFound(f"manifest {target.digest}: no match for platform {matcher} in manifest")
 
 
-async def resolve_image(svc: Services, target: Descriptor, matcher: plat.Matcher) -> ResolvedImage:
-    manifest = await resolve_manifest(svc, target, matcher)
+async def resolve_image(svc: Services, target: Descriptor, matcher: plat.Matcher,
+                        wait: Waiter = None) -> ResolvedImage:
+    wait = wait or _no_wait
+    manifest = await resolve_manifest(svc, target, matcher, wait=wait)
+    await wait(manifest.digest)
     data = await svc.read_all(manifest.digest, limit=mt.MAX_MANIFEST_SIZE)
     doc = mt.parse_document(data, manifest)
     kids = mt.children(doc, manifest)
     config, layers = kids[0], kids[1:]
+    await wait(config.digest)
     cfg_data = await svc.read_all(config.digest, limit=mt.MAX_MANIFEST_SIZE)
     try:
         cfg = json.loads(cfg_data)
@@ -106,14 +120,17 @@ async def resolve_image(svc: Services, target: Descriptor, matcher: plat.Matcher
 
 
 async def unpack(svc: Services, target: Descriptor, matcher: Optional[plat.Matcher] = None,
-                 snapshotter: str = DEFAULT_SNAPSHOTTER, progress: Optional[Progress] = None) -> str:
+                 snapshotter: str = DEFAULT_SNAPSHOTTER, progress: Optional[Progress] = None,
+                 wait: Waiter = None) -> str:
     """Unpack the image `target` for the matcher's platform into `snapshotter`; returns the
-    image's chain id (the name of its top snapshot)."""
+    image's chain id (the name of its top snapshot). With `wait`, each blob is awaited before
+    use: a pull passes one to apply layers while later ones are still downloading."""
+    wait = wait or _no_wait
     matcher = matcher or plat.Matcher([plat.default()])
     progress = progress or Progress()
     snapshotter = snapshotter or DEFAULT_SNAPSHOTTER
     async with svc.leased(sync_on_error=False) as leased:
-        image = await resolve_image(leased, target, matcher)
+        image = await resolve_image(leased, target, matcher, wait)
         diff_ids = image.diff_ids
         if len(diff_ids) != len(image.layers):
             raise errdefs.InvalidArgument(f"number of layers and diffIDs don't match: "
@@ -126,6 +143,8 @@ async def unpack(svc: Services, target: Descriptor, matcher: Optional[plat.Match
             parent = chains[i - 1] if i else ""
             key = f"unpack-{layer.digest}"
             progress.start(key, layer.size, "unpacking")
+            if not await _snapshot_exists(leased, snapshotter, chains[i]):
+                await wait(layer.digest)
             applied = await _apply_layer(leased, snapshotter, layer, diff_ids[i], chains[i], parent)
             if applied:
                 await leased.update_labels(layer.digest, {mt.LABEL_UNCOMPRESSED: diff_ids[i]})
