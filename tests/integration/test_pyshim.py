@@ -52,7 +52,7 @@ from pycontainerd.plugins.runtime.v2.runc import launch, proto
 SHIM = str(Path(sys.executable).parent / "containerd-shim-pyrunc-v2")
 RUNC = shutil.which("runc")
 BUSYBOX = shutil.which("busybox")
-APPLETS = ("sh", "echo", "cat", "sleep", "true", "false", "tty", "stty", "head", "dd", "od", "ls", "id")
+APPLETS = ("sh", "echo", "cat", "sleep", "true", "false", "tty", "stty", "head", "tail", "dd", "od", "ls", "id")
 
 
 # ---------------------------------------------------------------------------- no root needed
@@ -225,7 +225,7 @@ class Shim:
 
 
 def _write_spec(bundle: Path, args: list[str], *, terminal: bool = False, host_pid: bool = False,
-                annotations: dict | None = None) -> None:
+                annotations: dict | None = None, memory_limit: int = 0) -> None:
     subprocess.run([RUNC, "spec", "--bundle", str(bundle)], check=True)
     spec = json.loads((bundle / "config.json").read_text())
     spec["process"]["args"] = args
@@ -235,6 +235,8 @@ def _write_spec(bundle: Path, args: list[str], *, terminal: bool = False, host_p
         spec["linux"]["namespaces"] = [ns for ns in spec["linux"]["namespaces"] if ns["type"] != "pid"]
     if annotations:
         spec["annotations"] = annotations
+    if memory_limit:
+        spec["linux"].setdefault("resources", {})["memory"] = {"limit": memory_limit}
     (bundle / "config.json").write_text(json.dumps(spec))
 
 
@@ -345,12 +347,13 @@ def socket_checked(path: str):
 
 
 async def start_shim(world: Env, task_id: str | None = None, *, args: list[str] | None = None,
-                     terminal: bool = False, host_pid: bool = False, annotations: dict | None = None) -> Shim:
+                     terminal: bool = False, host_pid: bool = False, annotations: dict | None = None,
+                     memory_limit: int = 0) -> Shim:
     task_id = task_id or f"t{uuid.uuid4().hex[:10]}"
     bundle = world.bundle_dir(task_id)
     bundle.mkdir(parents=True)
     _write_spec(bundle, args or ["sh", "-c", "echo hello"], terminal=terminal, host_pid=host_pid,
-                annotations=annotations)
+                annotations=annotations, memory_limit=memory_limit)
     os.mkfifo(bundle / "log", 0o700)
     log_fd = os.open(bundle / "log", os.O_RDWR | os.O_NONBLOCK)  # as containerd: read side held
     code, out, err = await _run([SHIM, "-namespace", world.namespace, "-address", world.address,
@@ -613,6 +616,23 @@ async def test_pause_resume_pids_stats_update():
 
 @pytest.mark.root
 @needs_runc
+async def test_oom_kill_is_published():
+    async with shim_world() as world:
+        shim = await start_shim(world, args=["tail", "/dev/zero"], memory_limit=24 << 20)
+        await shim.task.create(shim.create_request())
+        await shim.task.start(StartRequest(id=shim.task_id))
+        waited = await asyncio.wait_for(shim.task.wait(WaitRequest(id=shim.task_id)), 60)
+        assert waited.exit_status == 137
+        oom = await world.sink.wait_topic("/tasks/oom")
+        assert oom[0].container_id == shim.task_id
+        topics = world.sink.topics()
+        assert topics.index("/tasks/start") < topics.index("/tasks/oom")
+        await finish(shim)
+    assert_clean(world)
+
+
+@pytest.mark.root
+@needs_runc
 async def test_shared_pid_namespace_kills_the_rest_on_exit():
     async with shim_world() as world:
         marker = str(3000 + uuid.uuid4().int % 1000)  # a sleep nobody else runs
@@ -765,7 +785,12 @@ async def test_events_wait_for_a_daemon_that_is_away():
         await asyncio.sleep(0.5)
         await world.start_events()  # the daemon comes (back)
         await world.sink.wait_topic("/tasks/exit", timeout=15)
+        await world.server.close(grace=1)  # and goes again (a restart): the shim reconnects
+        await asyncio.sleep(0.3)
         await shim.task.delete(DeleteRequest(id=shim.task_id))
+        await asyncio.sleep(0.5)
+        await world.start_events()
+        await world.sink.wait_topic("/tasks/delete", timeout=15)
         await finish(shim, delete=False)
         assert world.sink.topics() == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
     assert_clean(world)

@@ -417,6 +417,32 @@ class CgroupV2(Cgroup):
     def exists(self) -> bool:
         return os.path.isdir(self.path)
 
+    def enable_controllers(self, mountpoint: str = UNIFIED_MOUNTPOINT) -> None:
+        """Enable every controller the root offers in the subtree_control of each ancestor of
+        this cgroup (not its own), as the Go shim does when an init process starts, so that
+        nested cgroups get controllers too."""
+        try:
+            controllers = _read(os.path.join(mountpoint, "cgroup.controllers")).split()
+        except OSError as err:
+            log.error("failed to get root controllers", error=str(err))
+            return
+        if not controllers:
+            return
+        data = " ".join("+" + c for c in controllers)
+        rel = os.path.relpath(self.path, mountpoint)
+        parts = [] if rel == "." else rel.split(os.sep)
+        last_error = None
+        for i in range(len(parts)):
+            directory = os.path.join(mountpoint, *parts[:i])
+            try:
+                with open(os.path.join(directory, "cgroup.subtree_control"), "w") as f:
+                    f.write(data)
+                last_error = None
+            except OSError as err:
+                last_error = err
+        if last_error is not None:
+            log.error("failed to enable controllers", controllers=controllers, error=str(last_error))
+
     def _file_uint(self, name: str) -> int:
         try:
             return _read_uint(os.path.join(self.path, name))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 from typing import Callable
 
 import structlog
@@ -272,6 +273,8 @@ class TaskService(TaskBase):
                 self._publish("/tasks/exec-started", TaskExecStarted(container_id=container.id,
                                                                      exec_id=request.exec_id, pid=process.pid))
             else:
+                if isinstance(container.cgroup, cgroups.CgroupV2):
+                    container.cgroup.enable_controllers()
                 if container.cgroup is not None:
                     self.oom.add(container.id, container.cgroup)
                 self._publish("/tasks/start", TaskStart(container_id=container.id, pid=process.pid))
@@ -382,6 +385,9 @@ class TaskService(TaskBase):
 
     async def checkpoint(self, request: CheckpointTaskRequest) -> Empty:
         container = self._container(request.id)
+        criu = container.init.runc.criu or "criu"
+        if shutil.which(criu) is None:
+            raise errdefs.Unimplemented(f"checkpoint needs criu, and {criu} was not found")
         opts = CheckpointOptions()
         if request.options is not None and request.options.type_url:
             opts = CheckpointOptions().parse(request.options.value)
