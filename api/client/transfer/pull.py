@@ -249,6 +249,14 @@ class _Fetcher:
             break
 
 
+async def _resolve(registry: Registry, ref: str) -> Descriptor:
+    """registry.resolve(), its failure worded as ctr's: failed to resolve reference "REF": ..."""
+    try:
+        return await registry.resolve()
+    except errdefs.ContainerdError as err:
+        raise type(err)(f'failed to resolve reference "{ref}": {err.message}') from None
+
+
 async def fetch(svc: Services, ref: str, remote: Optional[RemoteOptions] = None,
                 options: Optional[PullOptions] = None, progress: Optional[Progress] = None) -> ImageRecord:
     """Fetch `ref` and record it as image `ref` (no unpack): ctr's content.Fetch."""
@@ -256,7 +264,7 @@ async def fetch(svc: Services, ref: str, remote: Optional[RemoteOptions] = None,
     progress = progress or Progress()
     matcher = options.matcher()
     async with registry_for(ref, remote) as registry:
-        desc = await registry.resolve()
+        desc = await _resolve(registry, ref)
         progress.note(ref, "resolved")
         async with svc.leased() as leased:
             fetcher = _Fetcher(leased, registry, options.max_concurrent_downloads, progress)
@@ -282,7 +290,7 @@ async def pull(svc: Services, ref: str, remote: Optional[RemoteOptions] = None,
     matcher = options.matcher()
     want = plat.Matcher([platform or plat.default()])
     async with registry_for(ref, remote) as registry:
-        desc = await registry.resolve()
+        desc = await _resolve(registry, ref)
         progress.note(ref, "resolved")
         async with svc.leased() as leased:
             arrivals = Arrivals()

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -209,6 +210,17 @@ class Authorizer:
         raise errdefs.Unimplemented("failed to find supported auth scheme")
 
 
+def _reason(err: BaseException) -> str:
+    """The most telling message in an exception chain ("connection refused", not httpx's
+    "All connection attempts failed")."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and (seen.errno or seen.strerror):
+            return (os.strerror(seen.errno) if seen.errno else seen.strerror).lower()
+        seen = seen.__cause__ or seen.__context__
+    return str(err) or type(err).__name__
+
+
 async def _drain(resp: httpx.Response) -> None:
     try:
         await resp.aread()
@@ -306,7 +318,7 @@ class Registry:
                 raise errdefs.DeadlineExceeded(f"{method} {url}: registry timed out "
                                                f"({type(err).__name__})") from None
             except httpx.HTTPError as err:
-                raise errdefs.Unavailable(f"{method} {url}: {err or type(err).__name__}") from None
+                raise errdefs.Unavailable(f"failed to do request: {method} {url}: {_reason(err)}") from None
             if tries > 6:
                 break
             if resp.status_code == 401:
