@@ -65,7 +65,8 @@ def _remote(args: argparse.Namespace) -> Any:
             raise errdefs.InvalidArgument("flags --tlscert and --tlskey must be set together")
     return RemoteOptions(plain_http=args.plain_http, hosts_dir=args.hosts_dir or "", user=user,
                          refresh_token=args.refresh or "", skip_verify=args.skip_verify,
-                         tlscacert=args.tlscacert or "", read_timeout=timeout)
+                         tlscacert=args.tlscacert or "", tlscert=args.tlscert or "",
+                         tlskey=args.tlskey or "", read_timeout=timeout)
 
 
 # -- commands ----------------------------------------------------------------------------------

@@ -46,12 +46,20 @@ class RegistryHost:
     def base_url(self) -> str:
         return f"{self.scheme}://{self.host}{self.path}"
 
-    def ssl_context(self, default_skip_verify: bool = False, default_ca: str = "") -> Optional[ssl.SSLContext]:
+    def ssl_context(self, default_skip_verify: bool = False, default_ca: str = "",
+                    default_client: tuple[str, str] = ("", "")) -> Optional[ssl.SSLContext]:
+        """TLS for this host: the system CAs plus `ca` files, client pairs, skip_verify (the
+        command line's --tlscacert, --tlscert/--tlskey and --skip-verify as defaults)."""
         if self.scheme != "https":
             return None
         ctx = ssl.create_default_context()
-        if default_ca:
-            ctx.load_verify_locations(cafile=default_ca)
+        try:
+            if default_ca:
+                ctx.load_verify_locations(cafile=default_ca)
+            if default_client[0]:
+                ctx.load_cert_chain(default_client[0], default_client[1] or None)
+        except (OSError, ssl.SSLError) as err:
+            raise errdefs.InvalidArgument(f"failed to load TLS files: {err}") from None
         for ca in self.ca_certs:
             try:
                 ctx.load_verify_locations(cafile=ca)

@@ -69,6 +69,8 @@ class RemoteOptions:
     refresh_token: str = ""
     skip_verify: bool = False
     tlscacert: str = ""
+    tlscert: str = ""  # a client certificate (and its key) for every https host
+    tlskey: str = ""
     connect_timeout: float = 30.0
     read_timeout: float = 60.0  # a registry silent this long mid-request is given up on
     headers: dict[str, str] = field(default_factory=dict)
@@ -261,7 +263,8 @@ class Registry:
         c = self._clients.get(key)
         if c is None:
             timeout = httpx.Timeout(self.options.read_timeout, connect=self.options.connect_timeout)
-            verify: Any = host.ssl_context(self.options.skip_verify, self.options.tlscacert) \
+            verify: Any = host.ssl_context(self.options.skip_verify, self.options.tlscacert,
+                                           (self.options.tlscert, self.options.tlskey)) \
                 if host.scheme == "https" else False
             c = httpx.AsyncClient(verify=verify if verify is not None else True, timeout=timeout,
                                   follow_redirects=False, trust_env=True,
