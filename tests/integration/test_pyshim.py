@@ -806,6 +806,13 @@ async def test_errors_keep_containerds_wording():
         with pytest.raises(errdefs.Unknown, match="OCI runtime create failed"):
             await shim.task.create(shim.create_request())
         assert not _mounts_under(str(shim.bundle)), "a failed create must unmount the rootfs"
+        request = shim.create_request()
+        request.options = ProtoAny(type_url="containerd.runc.v1.Options",
+                                   value=bytes(Options(root=str(world.runc_root), binary_name="/no/such/runc")))
+        with pytest.raises(errdefs.Unknown, match='OCI runtime create failed: exec: "/no/such/runc"'):
+            await shim.task.create(request)
+        with pytest.raises(errdefs.Unimplemented):
+            await shim.client.call("containerd.task.v2.Task", "NoSuchMethod", b"", None)
         await finish(shim, delete=False)
         assert world.sink.events == []
     assert_clean(world)

@@ -22,9 +22,10 @@ RUNC_ROOT = "/run/containerd/runc"
 class RuncError(Exception):
     """A runc command failed; str() is go-runc's error text."""
 
-    def __init__(self, message: str, status: int = -1):
+    def __init__(self, message: str, status: int = -1, *, not_started: bool = False):
         super().__init__(message)
         self.status = status
+        self.not_started = not_started  # runc could not even be executed: log.json says nothing of it
 
 
 @dataclass
@@ -58,15 +59,24 @@ class Runc:
         argv.extend(args)
         return argv
 
+    def _exec_error(self, err: OSError) -> RuncError:
+        return RuncError(f'exec: "{self.command}": {err.strerror or err}', not_started=True)
+
     async def _run_or_error(self, *args: str, input: bytes | None = None) -> bytes:
-        code, out = await self.reaper.run(self.argv(*args), input=input)
+        try:
+            code, out = await self.reaper.run(self.argv(*args), input=input)
+        except OSError as err:
+            raise self._exec_error(err) from None
         if code != 0:
             raise RuncError(f"exit status {code}: {out.decode(errors='replace')}", code)
         return out
 
     async def _run_with_io(self, args: list[str], io: IOFds) -> None:
-        code, _ = await self.reaper.run(self.argv(*args), stdin=io.stdin, stdout=io.stdout,
-                                        stderr=io.stderr, fds=io.extra or None, combined=False)
+        try:
+            code, _ = await self.reaper.run(self.argv(*args), stdin=io.stdin, stdout=io.stdout,
+                                            stderr=io.stderr, fds=io.extra or None, combined=False)
+        except OSError as err:
+            raise self._exec_error(err) from None
         if code != 0:
             raise RuncError(f"{self.command} did not terminate successfully: exit status {code}", code)
 
@@ -148,7 +158,7 @@ class Runc:
 
     def last_error(self) -> str:
         """The message of the last error-level entry in runc's log.json ("" when none)."""
-        if not self.log:
+        if not self.log or not os.path.exists(self.log):
             return ""
         message = ""
         with open(self.log, "rb") as f:
@@ -165,7 +175,10 @@ class Runc:
         return message
 
     def runtime_error(self, err: Exception, message: str) -> str:
-        """containerd's runtimeError: "<message>: <last runc error>" or "<message>: <err>"."""
+        """containerd's runtimeError: "<message>: <last runc error>" or "<message>: <err>" (and
+        always the latter when runc did not run: an older error in log.json is not this one's)."""
+        if getattr(err, "not_started", False):
+            return f"{message}: {err}"
         try:
             last = self.last_error()
         except OSError as read_err:

@@ -232,6 +232,8 @@ def main(flags: launch.Flags, listen_fd: int | None = 3) -> int:
     set_subreaper()
     follower = LogFollower(os.getcwd() if open_log() else "")
     configure_logging(flags.debug)
+    from pycontainerd.core import mount as mountlib
+    mountlib._lib()  # ctypes.util.find_library runs a subprocess: before our reaper owns SIGCHLD
     gc.set_threshold(2000, 20, 20)
     try:
         address = launch.read_address("address")
