@@ -14,9 +14,11 @@ Measures (median of --runs, fresh target dirs / fresh daemon root each run):
   containerd.import   `ctr images import --snapshotter overlayfs` (content + unpack), wall time
   containerd.unpack   import minus `ctr images import --no-unpack` (content only): the unpack part
   ours.import         `pyctr images import --snapshotter overlayfs` against our daemon, when it can
+  *.diff_apply        the Diff service alone on each daemon: blobs ingested beforehand, then one
+                      Diff.Apply RPC per layer onto overlayfs snapshots (summed; daemon CPU)
 
-Ratios ours/containerd (target <= 1.0): archive/unpack (like for like) and archive/import, and
-import/import when our daemon imported; wall time, and CPU seconds (daemon + its reaped children
+Ratios ours/containerd (target <= 1.0): archive/unpack (like for like), archive/import,
+diff_apply/diff_apply (the service, like for like), and import/import when our daemon imported; wall time, and CPU seconds (daemon + its reaped children
 such as unpigz + the client), which stay meaningful on a busy machine where wall times do not.
 Page cache is warm for both sides (the blobs were just written); each run syncs first. The runs
 interleave the measures, so background load hits them alike.
@@ -197,6 +199,47 @@ def time_daemon_import(kind: str, image: Path, unpack: bool) -> tuple[float, flo
             return ctr_import(CTR if kind == "containerd" else PYCTR, spec.address, image, unpack, "bench", d.pid)
 
 
+def time_diff_apply(kind: str, blobs: list[tuple[str, str, bytes]]) -> tuple[float, float]:
+    """The Diff service alone: every layer blob ingested first (not timed), then one Apply RPC
+    per layer onto a fresh overlayfs snapshot of the previous one; summed wall and daemon CPU."""
+    import asyncio
+
+    from pycontainerd.api.client import Client
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTAINERD_")}
+    rooted = {"containerd.io/gc.root": "bench"}
+
+    async def run(address: Path, pid: int) -> tuple[float, float]:
+        wall = cpu = 0.0
+        async with Client(str(address), namespace="bench", timeout=900) as client:
+            parent = ""
+            for i, (mt, digest, data) in enumerate(blobs):
+                mounts = await client.snapshots.prepare(f"active-{i}", parent, labels=rooted,
+                                                        snapshotter="overlayfs")
+                c0, t0 = cpu_of(pid), time.perf_counter()
+                await client.diff.apply({"media_type": mt, "digest": digest, "size": len(data)}, mounts)
+                wall += time.perf_counter() - t0
+                cpu += cpu_of(pid) - c0
+                parent = f"layer-{i}"
+                await client.snapshots.commit(parent, f"active-{i}", labels=rooted, snapshotter="overlayfs")
+        return wall, cpu
+
+    with short_tempdir("bd-") as tmp:
+        spec = containerd_spec(tmp) if kind == "containerd" else pycontainerd_spec(tmp, pycache=tmp / "pyc")
+        with Daemon(spec) as d:
+            d.wait_ready()
+            for mt, digest, data in blobs:
+                r = subprocess.run([CTR, "--address", str(spec.address), "--namespace", "bench", "content",
+                                    "ingest", "--expected-digest", digest, "--expected-size", str(len(data)),
+                                    "in-" + digest[7:19]], input=data, capture_output=True, env=env, timeout=300)
+                if r.returncode != 0:
+                    raise RuntimeError(f"ctr content ingest failed: {r.stderr.decode(errors='replace')[-500:]}")
+                subprocess.run([CTR, "--address", str(spec.address), "--namespace", "bench", "content", "label",
+                                digest, "containerd.io/gc.root=bench"], capture_output=True, env=env)
+            subprocess.run(["sync"], check=False)
+            return asyncio.run(run(spec.address, d.pid))
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -229,14 +272,17 @@ def main() -> int:
             blobs = layers_of(path)
             eprint(f"{name}: {len(blobs)} layers, {sum(len(b) for _, _, b in blobs) / 2**20:.1f} MiB compressed")
             r: dict[str, list[float]] = {k: [] for k in (
-                "ours.archive", "containerd.import", "containerd.content", "ours.import")}
+                "ours.archive", "containerd.import", "containerd.content", "ours.import",
+                "ours.diff_apply", "containerd.diff_apply")}
             c: dict[str, list[float]] = {k: [] for k in r}
             ours_error = None
             for i in range(args.runs):
                 for key, fn in (("ours.archive", lambda: time_ours(blobs, tmp / "work")),
                                 ("containerd.import", lambda: time_daemon_import("containerd", path, True)),
                                 ("containerd.content", lambda: time_daemon_import("containerd", path, False)),
-                                ("ours.import", lambda: time_daemon_import("pycontainerd", path, True))):
+                                ("ours.import", lambda: time_daemon_import("pycontainerd", path, True)),
+                                ("ours.diff_apply", lambda: time_diff_apply("pycontainerd", blobs)),
+                                ("containerd.diff_apply", lambda: time_diff_apply("containerd", blobs))):
                     if key == "ours.import" and (args.no_ours_daemon or ours_error is not None):
                         continue
                     try:
@@ -258,6 +304,8 @@ def main() -> int:
                    "ratio.archive_vs_unpack": m["ours.archive"] / m["containerd.unpack"],
                    "ratio.archive_vs_import": m["ours.archive"] / m["containerd.import"],
                    "cpu_ratio.archive_vs_unpack": mc["ours.archive"] / mc["containerd.unpack"]}
+            res["ratio.diff_apply"] = m["ours.diff_apply"] / m["containerd.diff_apply"]
+            res["cpu_ratio.diff_apply"] = mc["ours.diff_apply"] / mc["containerd.diff_apply"]
             if r["ours.import"]:
                 res["ratio.import_vs_import"] = m["ours.import"] / m["containerd.import"]
                 res["cpu_ratio.import_vs_import"] = mc["ours.import"] / mc["containerd.import"]
@@ -274,8 +322,9 @@ def main() -> int:
         for k, v in res["median_seconds"].items():
             if v == v:  # not NaN
                 print(f"{name:28} {k:22} {v:9.3f} {res['median_cpu_seconds'][k]:9.3f}")
-        for k in ("ratio.archive_vs_unpack", "ratio.archive_vs_import", "ratio.import_vs_import",
-                  "cpu_ratio.archive_vs_unpack", "cpu_ratio.import_vs_import"):
+        for k in ("ratio.archive_vs_unpack", "ratio.archive_vs_import", "ratio.diff_apply",
+                  "ratio.import_vs_import", "cpu_ratio.archive_vs_unpack", "cpu_ratio.diff_apply",
+                  "cpu_ratio.import_vs_import"):
             if k in res:
                 ok = "ok" if res[k] <= 1.0 else "MISSED"
                 print(f"{name:28} {k:22} {res[k]:9.2f}  (target <= 1.0: {ok})")

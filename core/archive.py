@@ -10,10 +10,15 @@ Apply (`apply_layer`, `apply_tar`)
   compressed) media type is decompressed by what its first bytes say (gzip or zstd magic), a
   plain OCI tar is read as it is.
 - gzip is piped through `unpigz -d -c` when it is on PATH (as containerd does; set
-  CONTAINERD_DISABLE_PIGZ=1 to turn it off), else decompressed with zlib; zstd with
-  `zstandard`. Decompression and both hashes (the input's digest, checked against the expected
-  one, and the uncompressed stream's: the diff_id) run in worker threads while the calling
-  thread writes files from 1 MiB chunks without copying them.
+  CONTAINERD_DISABLE_PIGZ=1 to turn it off), which reads a blob file itself when it is given
+  one; else it is decompressed with zlib; zstd with `zstandard`. Decompression and both hashes
+  (the input's digest, checked against the expected one, and the uncompressed stream's: the
+  diff_id) run in worker threads while the calling thread parses the tar and writes files from
+  1 MiB chunks without copying them. Regular files up to 256 KiB are created by a few more
+  threads (file creation is mostly kernel time, GIL released); the applier flushes them before
+  anything that could see or touch their paths (removals, whiteouts, hard links, the same path
+  again, a directory where a queued file stands), so the effects keep the archive's order.
+  chown/chmod are left out when a new file already has that owner and mode.
 - whiteouts: `.wh.NAME` removes NAME (a whole tree), `.wh..wh..opq` removes everything in its
   directory that this layer did not itself unpack (containerd's order-independent rule).
   With `overlay=True` (applying into an overlayfs upperdir) they become overlay's own form
@@ -36,7 +41,7 @@ Apply (`apply_layer`, `apply_tar`)
   errdefs.InvalidArgument. The directory may then hold part of the layer: the caller rolls back
   (removes the snapshot), as containerd's callers do.
 
-Write (`write_diff`, `changes`, `DiffWriter`)
+Write (`write_layer`, `write_diff`, `changes`, `tar_header`)
 - `changes(lower, upper)` is continuity's double walk: both trees in lexical order with '/'
   sorting first, yielding added / modified / deleted (a deleted directory once, not its
   contents) and "unmodified" for hard-linked files (needed to keep their links together).
@@ -49,8 +54,9 @@ Write (`write_diff`, `changes`, `DiffWriter`)
   among xattrs, Go archive/tar's header layout (USTAR when the fields fit, else a PAX header
   named `dir/PaxHeaders.0/base`; mtimes truncated to seconds; no user/group names), two zero
   blocks at the end.
-- `DiffWriter` compresses that stream (gzip by default: `pigz -n` when present, else zlib at
-  level 6) and hashes the uncompressed tar for the `containerd.io/uncompressed` label.
+- `write_layer` compresses that stream (gzip by default: `pigz -n` when present, using both
+  cores, else zlib at level 6) and hashes the uncompressed tar for the
+  `containerd.io/uncompressed` label.
 """
 from __future__ import annotations
 
