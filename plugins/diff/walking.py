@@ -28,6 +28,8 @@ import base64
 import contextlib
 import contextvars
 import os
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -131,8 +133,13 @@ def _mounted(mounts: list[Mount], temp_root: Optional[str], readonly: bool = Fal
     if src is not None:
         yield src
         return
-    if not mounts:
-        raise errdefs.InvalidArgument("no mounts given")
+    if not mounts:  # containerd mounts nothing on its temp dir: an empty tree
+        empty = tempfile.mkdtemp(prefix="containerd-mount-", dir=temp_root)
+        try:
+            yield empty
+        finally:
+            shutil.rmtree(empty, ignore_errors=True)
+        return
     cm = mountmod.temp_mount(readonly_mounts(mounts) if readonly else mounts, root=temp_root,
                              prefix="containerd-mount")
     try:

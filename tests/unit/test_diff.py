@@ -215,3 +215,14 @@ async def test_service_tries_differs_in_order(content, differ, tmp):
         diff=types.Descriptor(media_type=archive.MEDIA_TYPE_LAYER_GZIP, digest=dgst, size=len(blob)),
         mounts=[types.Mount(type="bind", source=target, options=["rbind", "rw"])]))
     assert resp.applied.media_type == archive.MEDIA_TYPE_LAYER and resp.applied.digest == got.digest
+
+
+async def test_compare_against_no_mounts_is_against_an_empty_tree(content, differ, tmp):
+    upper = os.path.join(tmp, "upper")
+    os.makedirs(f"{upper}/d")
+    with open(f"{upper}/d/f", "w") as f:
+        f.write("x")
+    desc = await differ.compare([], bind(upper))
+    raw = gzip.decompress(await content.read(desc.digest))
+    assert tarfile.open(fileobj=io.BytesIO(raw)).getnames() == ["d", "d/f"]
+    assert os.listdir(os.path.join(tmp, "mnt")) == []  # the empty temp dir is gone
