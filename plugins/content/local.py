@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import hashlib
 import os
@@ -646,19 +647,31 @@ def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
             fut.set_exception(error)
 
 
+def _file_id(fd: int) -> tuple[int, int] | None:
+    """(device, inode) of the file open on `fd`; None when `fd` is not open."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class Writer:
     """One open ingest. Used by one task at a time; `close()` keeps the ingest for a later
     resume, `commit()` turns it into a blob. Either releases the ref's lock.
 
     Big writes are pipelined: a write hands its bytes to the writer's own worker thread, which
     hashes them, reports back (so `offset` and `digest()` are exact when `write()` returns), and
-    then writes them to the file while the caller already receives the next chunk. A failed
-    file write is raised by the next write, truncate, commit or close."""
+    then writes them to the file while the caller already receives the next chunk. Every write
+    lands at its own offset (pwrite), never at a shared file position. A failed file write is
+    raised by the next write, truncate, commit or close: close() waits for the queued write and
+    raises Unknown when the file does not hold every byte `write()` accepted."""
 
     def __init__(self, store: LocalStore, ref: str, path: Path, fd: int, offset: int, total: int,
                  hasher: Any, algorithm: str, started_at: datetime, updated_at: datetime):
         self.store, self.ref, self.path = store, ref, path
         self._fd = fd
+        self._file = _file_id(fd)  # what `fd` must still be when we fsync and close it
         self.offset, self.total = offset, total
         self._hasher, self.algorithm = hasher, algorithm
         self.started_at, self.updated_at = started_at, updated_at
@@ -679,30 +692,37 @@ class Writer:
         """The digest of the bytes written so far."""
         return f"{self.algorithm}:{self._hasher.hexdigest()}"
 
+    def _write_failed(self) -> errdefs.ContainerdError:
+        return errdefs.Unknown(f"write to ingest {self.ref} failed: {self._error}")
+
     def _check_open(self) -> None:
         if self._closed:
             raise errdefs.FailedPrecondition("cannot write on closed writer")
         if self._error is not None:
-            raise errdefs.Unknown(f"write to ingest {self.ref} failed: {self._error}")
+            raise self._write_failed()
 
     @staticmethod
-    def _write_all(fd: int, view: memoryview) -> None:
+    def _write_all(fd: int, view: memoryview, offset: int) -> None:
         written = 0
         while written < len(view):
-            written += os.write(fd, view[written:])
+            written += os.pwrite(fd, view[written:], offset + written)
 
-    def _job(self, fd: int, data: bytes | memoryview, loop: asyncio.AbstractEventLoop,
+    def _job(self, fd: int, data: bytes | memoryview, offset: int, loop: asyncio.AbstractEventLoop,
              hashed: asyncio.Future) -> None:
-        """Worker thread: hash, tell the loop, then write to `fd` (GIL released for both). The fd
-        is passed in: close() takes the writer's own before this job may have run."""
+        """Worker thread: hash, tell the loop, then write to `fd` at `offset` (GIL released for
+        both). The fd is passed in: close() takes the writer's own before this job may have
+        run. The bytes are written even when nobody waits for the hash any more."""
         try:
             self._hasher.update(data)
         except BaseException as e:
-            loop.call_soon_threadsafe(_resolve, hashed, e)
+            self._error = e
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+                loop.call_soon_threadsafe(_resolve, hashed, e)
             return
-        loop.call_soon_threadsafe(_resolve, hashed, None)
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_resolve, hashed, None)
         try:
-            self._write_all(fd, memoryview(data))
+            self._write_all(fd, memoryview(data), offset)
         except BaseException as e:
             self._error = e
 
@@ -715,7 +735,7 @@ class Writer:
             await asyncio.wrap_future(self._tail)
             self._tail = None
         if self._error is not None:
-            raise errdefs.Unknown(f"write to ingest {self.ref} failed: {self._error}")
+            raise self._write_failed()
 
     async def write(self, data: bytes | memoryview) -> int:
         """Append `data` at the current offset; the number of bytes written."""
@@ -724,17 +744,20 @@ class Writer:
         if not n:
             return 0
         if n <= INLINE_LIMIT and self._idle():
-            self._write_all(self._fd, memoryview(data))
+            self._write_all(self._fd, memoryview(data), self.offset)
             self._hasher.update(data)
-        else:
-            loop = asyncio.get_running_loop()
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="ingest")
-            hashed = loop.create_future()
-            self._tail = self._executor.submit(self._job, self._fd, data, loop, hashed)
-            await hashed
+            self.offset += n
+            self.updated_at = _now()
+            return n
+        loop = asyncio.get_running_loop()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="ingest")
+        hashed = loop.create_future()
+        self._tail = self._executor.submit(self._job, self._fd, data, self.offset, loop, hashed)
+        # The job hashes and writes these bytes whatever happens to this caller now.
         self.offset += n
         self.updated_at = _now()
+        await hashed
         return n
 
     async def truncate(self, size: int) -> None:
@@ -744,14 +767,31 @@ class Writer:
             raise errdefs.InvalidArgument("Truncate: unsupported size")
         await self._drain()
         os.ftruncate(self._fd, 0)
-        os.lseek(self._fd, 0, os.SEEK_SET)
         self.offset = 0
         self._hasher = new_hasher(self.algorithm)
 
     def _stop_executor(self) -> None:
         if self._executor is not None:
-            self._executor.shutdown(wait=False)
+            self._executor.shutdown(wait=False)  # its last job (our tail) still runs to the end
             self._executor = None
+
+    def _forget(self) -> None:
+        """No longer the store's open writer of this ingest (status reads the file again)."""
+        if self.store._active.get(self.path.name) is self:
+            del self.store._active[self.path.name]
+
+    def _release_fd(self, fd: int, sync: bool) -> None:
+        """fsync (when `sync`) and close our fd, unless it no longer is our ingest file: then
+        someone else closed it (and the number may be reused), which is reported, never
+        passed on by closing another owner's file."""
+        if _file_id(fd) != self._file:
+            raise errdefs.Unknown(f"ingest {self.ref}: its file descriptor {fd} was closed "
+                                  f"behind the writer's back; written bytes may be lost")
+        try:
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
     async def commit(self, size: int = 0, expected: str = "",
                      labels: Mapping[str, str] | None = None) -> str:
@@ -764,12 +804,12 @@ class Writer:
         try:
             await self._drain()
         except BaseException:
-            await self.close()
+            with contextlib.suppress(errdefs.ContainerdError):  # the error raised is the one
+                await self.close()
             raise
         self._closed = True
         self._stop_executor()
-        if self.store._active.get(self.path.name) is self:
-            del self.store._active[self.path.name]
+        self._forget()
         try:
             dgst = await asyncio.get_running_loop().run_in_executor(None, self._commit_sync, size, expected)
         finally:
@@ -780,11 +820,8 @@ class Writer:
 
     def _commit_sync(self, size: int, expected: str) -> str:
         fd, self._fd = self._fd, -1
-        try:
-            os.fsync(fd)
-            actual_size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
+        actual_size = os.fstat(fd).st_size if _file_id(fd) == self._file else -1
+        self._release_fd(fd, sync=True)
         if size > 0 and size != actual_size:
             raise errdefs.FailedPrecondition(f"unexpected commit size {actual_size}, expected {size}")
         algorithm = expected.partition(":")[0] if expected else self.algorithm
@@ -816,32 +853,41 @@ class Writer:
         return dgst
 
     def _close_sync(self, fd: int, tail: concurrent.futures.Future | None) -> None:
+        """Worker thread: wait for the queued write, fsync and close the file, stamp updatedat,
+        then stop being the active writer and release the ref, in that order, whatever fails.
+        Raises Unknown when bytes accepted by write() did not reach the file."""
         try:
             if tail is not None:
                 try:
                     tail.result()
-                except BaseException:
-                    pass
+                except BaseException as e:  # the job itself failed (it records its errors)
+                    self._error = self._error or e
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            _write_small(self.path / "updatedat", format_timestamp(self.updated_at))
-        except OSError as e:
-            if e.errno != errno.ENOENT:  # aborted meanwhile
-                log.warning("closing ingest failed", ref=self.ref, error=str(e))
+                self._release_fd(fd, sync=True)
+            except OSError as e:
+                raise errdefs.Unknown(f"closing ingest {self.ref} failed: {e}") from None
+            if self._error is not None:
+                raise self._write_failed()
+            try:
+                _write_small(self.path / "updatedat", format_timestamp(self.updated_at))
+            except OSError as e:
+                if e.errno != errno.ENOENT:  # aborted meanwhile
+                    log.warning("closing ingest failed", ref=self.ref, error=str(e))
         finally:
+            self._forget()
             _unlock(self.store._lock_root, self.ref)
 
     async def close(self) -> None:
-        """Keep the ingest for a later resume and release the ref. Safe to call twice."""
+        """Keep the ingest for a later resume and release the ref. Safe to call twice. Raises
+        Unknown when a queued write failed (the ingest then holds fewer bytes than written:
+        a resume starts from what the file holds)."""
         if self._closed:
             return
         self._closed = True
-        if self.store._active.get(self.path.name) is self:
-            del self.store._active[self.path.name]
         fd, self._fd = self._fd, -1
         tail, self._tail = self._tail, None
         self._stop_executor()
-        # The lock is released by the worker thread, even when this task is cancelled meanwhile.
+        # The worker thread finishes the close and releases the lock, even when this task is
+        # cancelled meanwhile; until the last queued bytes are in the file the store's status
+        # keeps reporting this writer's offset.
         await asyncio.get_running_loop().run_in_executor(None, self._close_sync, fd, tail)

@@ -305,3 +305,68 @@ async def test_close_right_after_a_pipelined_write_keeps_the_bytes(store):
         w = await store.writer(f"quick{i}")
         assert w.digest() == sha256(data)
         await w.close()
+
+
+async def test_close_reports_a_failed_queued_write_and_releases_the_ref(store, monkeypatch):
+    """A pipelined write that fails after write() returned is raised by close(), never lost
+    silently; the ref is released and a resume starts from what the file holds."""
+    real = Writer._write_all
+
+    def failing(fd, view, offset):
+        if len(view) > INLINE_LIMIT:
+            raise OSError(28, "No space left on device")
+        real(fd, view, offset)
+
+    monkeypatch.setattr(Writer, "_write_all", staticmethod(failing))
+    w = await store.writer("enospc")
+    await w.write(b"a" * 10)
+    assert await w.write(b"b" * (INLINE_LIMIT * 4)) == INLINE_LIMIT * 4  # accepted, queued
+    with pytest.raises(errdefs.Unknown, match="write to ingest enospc failed: .*No space left"):
+        await w.close()
+    monkeypatch.undo()
+    assert (await store.status("enospc")).offset == 10
+    w = await store.writer("enospc")  # the lock was released
+    assert w.offset == 10 and w.digest() == sha256(b"a" * 10)
+    await w.close()
+
+
+async def test_status_during_close_reports_the_writers_offset(store, monkeypatch):
+    """Until close() has the queued bytes in the file, the store reports the writer's offset."""
+    import threading
+    release = threading.Event()
+    real = Writer._write_all
+
+    def slow(fd, view, offset):
+        if len(view) > INLINE_LIMIT:
+            assert release.wait(30)
+        real(fd, view, offset)
+
+    monkeypatch.setattr(Writer, "_write_all", staticmethod(slow))
+    data = os.urandom(INLINE_LIMIT * 4)
+    w = await store.writer("slowclose")
+    await w.write(data)
+    closing = asyncio.create_task(w.close())
+    for _ in range(3):
+        await asyncio.sleep(0)
+        assert (await store.status("slowclose")).offset == len(data)
+    assert not closing.done()
+    release.set()
+    await asyncio.wait_for(closing, 30)
+    assert (await LocalStore(store.root).status("slowclose")).offset == len(data)
+
+
+async def test_close_never_closes_a_file_descriptor_it_lost(store):
+    """Someone else closed the writer's fd and the number was reused: close() says so and
+    leaves the new owner's file open."""
+    w = await store.writer("stolen")
+    await w.write(b"x" * 10)
+    os.close(w._fd)
+    other = os.open(store.root / "other", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        with pytest.raises(errdefs.Unknown, match="closed behind the writer's back"):
+            await w.close()
+        os.fstat(other)  # still open
+    finally:
+        os.close(other)
+    w = await store.writer("stolen")  # the ref was released all the same
+    await w.close()
