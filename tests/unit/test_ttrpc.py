@@ -100,12 +100,17 @@ class EchoService(EchoServiceBase):
         self.started = asyncio.Event()
         self.release = asyncio.Event()
         self.cancelled = asyncio.Event()
+        self.gates: dict[str, asyncio.Event] = {}  # text -> held until set
+        self.arrived: list[str] = []                # gated calls that reached the handler
 
     async def echo(self, request: EchoRequest) -> EchoResponse:
         self.started.set()
         try:
             if request.text == "block":
                 await self.release.wait()
+            elif request.text in self.gates:
+                self.arrived.append(request.text)
+                await self.gates[request.text].wait()
             elif request.delay_ms:
                 await asyncio.sleep(request.delay_ms / 1000)
         except asyncio.CancelledError:
@@ -147,6 +152,13 @@ async def served(sock_dir):
     await server.start_unix(path)
     yield server, service, path
     await server.close(grace=1)
+
+
+async def wait_until(condition, timeout: float = 30.0) -> None:
+    """Poll `condition` on the loop until it holds; a generous timeout, never a fixed sleep."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.001)
 
 
 async def raw_connect(path):
@@ -256,10 +268,16 @@ async def test_concurrent_calls_complete_out_of_order(served):
     client = await TtrpcClient.connect(path)
     n = 40
     texts = [f"m{i}" for i in range(n)]
-    # earlier calls sleep longer, so the server finishes them in reverse order
-    results = await asyncio.gather(*(
-        client.call("test.v1.Echo", "Echo", EchoRequest(text=t, delay_ms=(n - i) * 10), EchoResponse)
-        for i, t in enumerate(texts)))
+    service.gates = {t: asyncio.Event() for t in texts}
+    calls = asyncio.gather(*(
+        client.call("test.v1.Echo", "Echo", EchoRequest(text=t), EchoResponse) for t in texts))
+    # all calls are in flight on the one connection; the server lets them go last first,
+    # each answered (and its frame queued) before the next is released
+    await wait_until(lambda: len(service.arrived) == n)
+    for t in reversed(texts):
+        service.gates[t].set()
+        await wait_until(lambda: service.finished[-1:] == [t])
+    results = await asyncio.wait_for(calls, 30)
     assert [r.text for r in results] == texts
     assert service.finished == list(reversed(texts))
     await client.close()
@@ -349,7 +367,7 @@ async def test_stub_over_ttrpc(served):
     assert ("a", "1") in [(kv.key, kv.value) for kv in resp.metadata]
     assert (await stub.get_thing(EchoRequest(text="z"))).text == "thing:z"
     with pytest.raises(errdefs.DeadlineExceeded):
-        await stub.echo(EchoRequest(text="slow", delay_ms=2000), timeout=0.1)
+        await stub.echo(EchoRequest(text="block"), timeout=0.1)  # never answers in time
     with pytest.raises(errdefs.Unimplemented):  # streaming is not served over ttrpc
         async for _ in stub.watch(EchoRequest()):
             pass
@@ -372,7 +390,7 @@ async def test_timeout_nano_is_the_handler_deadline(served):
     # and our client sends its timeout and raises DeadlineExceeded
     client = await TtrpcClient.connect(path)
     with pytest.raises(errdefs.DeadlineExceeded):
-        await client.call("test.v1.Echo", "Echo", EchoRequest(text="slow", delay_ms=3000), EchoResponse,
+        await client.call("test.v1.Echo", "Echo", EchoRequest(text="block"), EchoResponse,
                           timeout=0.2)
     # a generous timeout does not disturb a quick call
     resp = await client.call("test.v1.Echo", "Echo", EchoRequest(text="quick"), EchoResponse, timeout=5)
