@@ -23,6 +23,7 @@ from pycontainerd.core import errdefs
 from pycontainerd.core.events import Exchange
 from pycontainerd.plugins.runtime import IO, CreateOpts
 from pycontainerd.plugins.runtime.v2 import binary as binmod
+from pycontainerd.plugins.runtime.v2 import manager as managermod
 from pycontainerd.plugins.runtime.v2.binary import RuntimeResolver, binary_name, parse_start_output
 from pycontainerd.plugins.runtime.v2.bundle import load_bundle, new_bundle
 from pycontainerd.plugins.runtime.v2.manager import TaskManager
@@ -287,9 +288,27 @@ def fake(tmp_path, monkeypatch):
 
 
 def _manager(tmp: Path, events: Exchange, **kw) -> TaskManager:
+    # Generous shim timeouts: the fake shim is a Python process whose start-up on a loaded
+    # machine takes seconds; no test here waits for a timeout to expire.
     return TaskManager(root=tmp / "root", state=tmp / "state", address=str(tmp / "d.sock"),
                        ttrpc_address=str(tmp / "d.sock.ttrpc"), events=events,
-                       timeout=lambda key: 3.0, publish_binary_path="/bin/true", **kw)
+                       timeout=lambda key: 30.0, publish_binary_path="/bin/true", **kw)
+
+
+async def wait_until(condition, timeout: float = 30.0) -> None:
+    """Poll `condition` until it holds or `timeout` passed (the caller asserts it after)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+
+
+def _process_gone(pid: int) -> bool:
+    """True once `pid` has exited (a zombie nobody reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def _opts(fake: Fake, **kw) -> CreateOpts:
@@ -345,10 +364,7 @@ async def test_create_and_delete(fake, tmp_path):
     assert fake.notes("delete") == []  # a clean delete needs no delete action
     with pytest.raises(errdefs.NotFound):
         m.get("ns1", "t1")
-    for _ in range(50):
-        if not fake.serving_pids():
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: not fake.serving_pids())
     assert fake.serving_pids() == []
     assert await _drain(sub) == []  # the shim publishes task events, the manager none
     await m.close()
@@ -356,6 +372,9 @@ async def test_create_and_delete(fake, tmp_path):
 
 async def test_a_shim_printing_its_address_early_is_waited_for(fake, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_SHIM_PRINTS_EARLY", "1")
+    # the fake's serving process is a fresh Python: on a loaded machine it may take longer to
+    # listen than the real grace period, which is not what this test is about
+    monkeypatch.setattr(managermod, "NEW_SHIM_GRACE", 60.0)
     m = _manager(tmp_path, Exchange())
     t = await m.create("ns1", "early", _opts(fake))
     assert await t.pid() == 4242
@@ -372,10 +391,7 @@ async def test_failed_create_cleans_up(fake, tmp_path, monkeypatch):
     assert m.tasks(None) == []
     assert os.listdir(tmp_path / "state" / "ns1") == []
     assert fake.notes("shutdown")
-    for _ in range(50):
-        if not fake.serving_pids():
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: not fake.serving_pids())
     assert fake.serving_pids() == []
     with pytest.raises(errdefs.Unknown, match="failed to start shim: failed to resolve runtime path"):
         await m.create("ns1", "bad2", CreateOpts(spec=_opts(fake).spec, runtime="io.containerd.absent.v7"))
@@ -389,10 +405,7 @@ async def test_dead_shim_is_cleaned_up_and_reported(fake, tmp_path):
     m = _manager(tmp_path, events)
     await m.create("ns1", "doomed", _opts(fake))
     fake.kill_all()
-    for _ in range(100):
-        if not m.tasks(None):
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: not m.tasks(None))
     assert m.tasks(None) == []
     assert fake.notes("delete")[0]["flags"]["bundle"] == str(tmp_path / "state" / "ns1" / "doomed")
     envs = await _drain(sub)
@@ -413,7 +426,8 @@ async def test_restart_reconnects_and_cleans_up_the_dead(fake, tmp_path):
     (tmp_path / "state" / "ns1" / ".half-deleted" / "rootfs").mkdir(parents=True)
     dead_pid = int((await _pid_of(tmp_path / "state" / "ns2" / "dead")))
     os.kill(dead_pid, signal.SIGKILL)
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: _process_gone(dead_pid))
+    assert _process_gone(dead_pid)
 
     events = Exchange()
     sub = events.subscribe()
@@ -449,10 +463,7 @@ async def test_failed_delete_action_still_removes_the_bundle(fake, tmp_path, mon
     m = _manager(tmp_path, events)
     await m.create("ns1", "t", _opts(fake))
     fake.kill_all()
-    for _ in range(100):
-        if not m.tasks(None):
-            break
-        await asyncio.sleep(0.05)
+    await wait_until(lambda: not m.tasks(None))
     envs = await _drain(sub)
     assert [e.topic for e in envs] == ["/tasks/exit", "/tasks/delete"]
     assert envs[0].decode().exit_status == 255
