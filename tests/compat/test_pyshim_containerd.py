@@ -274,3 +274,36 @@ def test_killed_shim_is_cleaned_up_and_reported(containerd_ctr):
         out = ev.communicate(timeout=10)[0].decode(errors="replace")
         ctr("containers", "rm", cid, ok=False)
     assert re.search(rf'/tasks/exit \{{"container_id":"{cid}".*"exit_status":137', out), out
+
+
+def test_containerd_restart_reconnects_to_running_shims(containerd_ctr):
+    """containerd restarts: it reloads the task from the bundle's `address` and keeps driving our
+    shim (exec, kill, delete), and the shim's events reach the new containerd."""
+    ctr = containerd_ctr
+    cid = ctr.id("restart")
+    ctr("run", "-d", "--runtime", PYRUNC, "bb:latest", cid, "sleep", "300")
+    try:
+        shims = ctr.shim_processes()
+        ctr.daemon.stop()
+        ctr.daemon.start()
+        assert ctr.shim_processes() == shims, "the shim must survive containerd's restart"
+        assert re.search(rf"^{cid}\s+\d+\s+RUNNING", ctr("tasks", "ls").stdout.decode(), re.M)
+        assert ctr("tasks", "exec", "--exec-id", "x", cid, "echo", "after").stdout.decode().strip() == "after"
+        ev = subprocess.Popen([CTR, "--address", ctr.daemon.address, "events"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+        try:
+            time.sleep(0.5)
+            ctr("tasks", "kill", "--signal", "SIGKILL", cid)
+            deadline = time.monotonic() + 10
+            while not re.search(rf"^{cid}\s+\d+\s+STOPPED", ctr("tasks", "ls").stdout.decode(), re.M):
+                assert time.monotonic() < deadline, "the kill was not reported after the restart"
+                time.sleep(0.1)
+            ctr("tasks", "rm", cid)
+            time.sleep(0.5)
+        finally:
+            ev.terminate()
+            out = ev.communicate(timeout=10)[0].decode(errors="replace")
+        assert re.search(rf'/tasks/exit \{{"container_id":"{cid}"', out), out
+    finally:
+        ctr("tasks", "rm", "-f", cid, ok=False)
+        ctr("containers", "rm", cid, ok=False)
