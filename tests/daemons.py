@@ -12,8 +12,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import tomllib
 from pathlib import Path
+from typing import Callable
 
 VENV_BIN = Path(sys.executable).parent
 PYCONTAINERD = str(VENV_BIN / "pycontainerd")
@@ -64,7 +67,7 @@ class Daemon:
         return [PYCONTAINERD, "--config", str(self.config_path), "--root", str(self.root),
                 "--state", str(self.state), "--address", self.address, *self.extra_args]
 
-    def start(self, timeout: float = 30.0, wait: bool = True) -> "Daemon":
+    def start(self, timeout: float = 60.0, wait: bool = True) -> "Daemon":
         env = dict(os.environ, **(self.env or {}))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -73,24 +76,28 @@ class Daemon:
             self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    @property
+    def ttrpc_address(self) -> str | None:
+        """Our daemon's ttrpc socket (`[ttrpc] address`, else `<address>.ttrpc`)."""
+        if self.kind != "pycontainerd":
+            return None
+        try:
+            configured = tomllib.loads(self.config_path.read_text()).get("ttrpc", {}).get("address")
+        except (OSError, tomllib.TOMLDecodeError):
+            configured = None
+        return configured or self.address + ".ttrpc"
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until every socket answers: ours serves gRPC a moment before ttrpc."""
+        sockets = [self.address] + ([self.ttrpc_address] if self.ttrpc_address else [])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.kind} exited {self.proc.returncode}:\n{self.log()}")
-            if os.path.exists(self.address) and self._answers():
+            if all(os.path.exists(path) and _answers(path) for path in sockets):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"{self.kind} not ready after {timeout}s:\n{self.log()}")
-
-    def _answers(self) -> bool:
-        import socket
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(self.address)
-                return True
-            except OSError:
-                return False
 
     def log(self) -> str:
         try:
@@ -124,6 +131,72 @@ class Daemon:
 
     def __exit__(self, *exc) -> None:
         self.cleanup()
+
+
+def _answers(path: str) -> bool:
+    import socket
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+class EventWatcher:
+    """`ctr events` (or any line printer) in the background, its lines collected as they come.
+
+    Subscribing takes the child a while (a loaded machine: seconds), so never sleep and hope:
+    `wait_subscribed(probe, seen)` repeats a probe action until its event shows up, and
+    `wait_for(predicate)` waits for the events a test expects."""
+
+    def __init__(self, argv: list[str]):
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[list[str]], bool], timeout: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self.lines):
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._thread.is_alive()):
+                    return predicate(self.lines)
+                self._cond.wait(min(left, 0.5))
+            return True
+
+    def wait_subscribed(self, probe: Callable[[], None], seen: Callable[[str], bool],
+                        timeout: float = 60.0) -> None:
+        """Run `probe` (which publishes an event) until a line for which `seen` holds arrives."""
+        deadline = time.monotonic() + timeout
+        while True:
+            probe()
+            if self.wait_for(lambda lines: any(seen(line) for line in lines), timeout=1.0):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"event subscriber never saw its probe: {self.lines}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> str:
+        """End the child; everything it printed."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._thread.join(10)
+        return "\n".join(self.lines) + "\n"
 
 
 def kill_processes_under(path: Path) -> None:

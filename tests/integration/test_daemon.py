@@ -9,12 +9,11 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from daemons import PYCONTAINERD, Daemon, short_tmpdir
+from daemons import PYCONTAINERD, Daemon, EventWatcher, short_tmpdir
 
 CTR = "ctr"
 CONFORMANCE = Path(__file__).resolve().parents[2].parent / "shared" / "conformance" / "ctr-conformance.py"
@@ -184,16 +183,23 @@ def test_namespace_errors_have_containerd_codes(daemon):
 
 
 def test_events_reach_ctr_subscribers(daemon):
-    sub = subprocess.Popen([CTR, "-a", daemon.address, "events"], stdout=subprocess.PIPE, text=True)
+    sub = EventWatcher([CTR, "-a", daemon.address, "events"])
+
+    def probe():
+        ctr(daemon, "namespaces", "create", "probe")
+        ctr(daemon, "namespaces", "remove", "probe")
+
+    def evns(topic):
+        return lambda lines: any(topic in line and '"evns"' in line for line in lines)
+
     try:
-        time.sleep(1)
+        sub.wait_subscribed(probe, lambda line: '"probe"' in line)
         ctr(daemon, "namespaces", "create", "evns")
         ctr(daemon, "namespaces", "remove", "evns")
-        time.sleep(1)
+        sub.wait_for(evns("/namespaces/delete"))
     finally:
-        sub.terminate()
-        out = sub.communicate(timeout=10)[0]
-    assert "/namespaces/create" in out and "/namespaces/delete" in out and "evns" in out
+        out = sub.stop()
+    assert evns("/namespaces/create")(out.splitlines()) and evns("/namespaces/delete")(out.splitlines()), out
 
 
 @pytest.mark.compat

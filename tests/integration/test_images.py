@@ -4,6 +4,7 @@ session against the stock containerd giving the same output."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -261,21 +262,32 @@ def test_events(daemon):
     async def main():
         async with Client(daemon.address, namespace="ev") as c:
             events = []
-            ready = asyncio.Event()
+            subscribed = asyncio.Event()
 
             async def listen():
                 async for env in c.events.subscribe(['topic~="^/images/"']):
+                    if env.namespace == "evprobe":
+                        subscribed.set()
+                        continue
                     events.append(env)
                     if len(events) == 3:
                         return
 
             task = asyncio.create_task(listen())
-            await asyncio.sleep(0.3)
             target = Descriptor(OCTET, sha256(b"e"), 1)
+            # the subscription is live once it sees a probe's event (a sleep is only a guess)
+            async with Client(daemon.address, namespace="evprobe") as probe, asyncio.timeout(60):
+                n = 0
+                while not subscribed.is_set():
+                    await probe.images.create(f"probe{n}", target)
+                    await probe.images.delete(f"probe{n}")
+                    n += 1
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(subscribed.wait(), 1)
             await c.images.create("evimg", target, {"k": "v"})
             await c.images.set_labels("evimg", {"k2": "v2"})
             await c.images.delete("evimg")
-            await asyncio.wait_for(task, 10)
+            await asyncio.wait_for(task, 60)
             assert [(e.namespace, e.topic) for e in events] == [
                 ("ev", "/images/create"), ("ev", "/images/update"), ("ev", "/images/delete")]
             assert events[0].type_url == "containerd.services.images.v1.ImageCreate"

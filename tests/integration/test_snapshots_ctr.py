@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons import Daemon, short_tmpdir, unmount_under
+from daemons import Daemon, EventWatcher, short_tmpdir, unmount_under
 
 pytestmark = [pytest.mark.root, pytest.mark.compat]
 
@@ -191,16 +191,19 @@ def test_pyctr_matches_ctr(daemon):
 
 
 def test_snapshot_events(daemon):
-    ev = subprocess.Popen([CTR, "--address", daemon.address, "events"], stdout=subprocess.PIPE, text=True)
+    ev = EventWatcher([CTR, "--address", daemon.address, "events"])
     try:
-        time.sleep(0.5)
+        def probe():
+            ctr(daemon, "namespaces", "create", "probe")
+            ctr(daemon, "namespaces", "remove", "probe")
+
+        ev.wait_subscribed(probe, lambda line: "/namespaces/create" in line)
         ctr(daemon, "snapshots", "prepare", "e1", ns="events")
         ctr(daemon, "snapshots", "commit", "E1", "e1", ns="events")
         ctr(daemon, "snapshots", "rm", "E1", ns="events")
-        time.sleep(0.5)
+        ev.wait_for(lambda lines: any("/snapshot/remove" in line for line in lines))
     finally:
-        ev.send_signal(signal.SIGINT)
-        out = ev.communicate(timeout=10)[0]
+        out = ev.stop(signal.SIGINT)
     topics = [line.split()[5] for line in out.splitlines() if "/snapshot/" in line]
     assert topics == ["/snapshot/prepare", "/snapshot/commit", "/snapshot/remove"], out
     assert '"key":"e1","name":"E1"' in out
