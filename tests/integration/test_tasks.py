@@ -77,7 +77,7 @@ def test_task_lifecycle(env):
 def test_kill_all_and_force_delete(env):
     env.run("ka", "/bin/sh", "-c", "sleep 300 & sleep 300", detach=True)
     env.ctr("tasks", "exec", "-d", "--exec-id", "bg", "ka", "/bin/sleep", "300")
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while len(env.ctr("tasks", "ps", "ka").stdout.splitlines()) < 4 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(env.ctr("tasks", "ps", "ka").stdout.splitlines()) >= 4
@@ -101,12 +101,17 @@ def test_events_once_each(env):
     env.wait_status("ev1", "STOPPED")
     env.ctr("tasks", "rm", "ev1")
     env.ctr("containers", "rm", "ev1")
-    ev.wait_for(lambda e: "/containers/delete" in e.topics(env.ns), what="/containers/delete")
-    time.sleep(0.5)
+    ev.wait_for(lambda e: {"/containers/delete", "/tasks/delete"} <= set(e.topics(env.ns)),
+                what="/tasks/delete and /containers/delete")
+    time.sleep(0.5)  # an event published twice would show by now
     topics = ev.topics(env.ns)
-    assert topics == ["/containers/create", "/tasks/create", "/tasks/start", "/tasks/exec-added",
-                      "/tasks/exec-started", "/tasks/exit", "/tasks/paused", "/tasks/resumed", "/tasks/exit",
-                      "/tasks/delete", "/containers/delete"], topics
+    # The shim forwards its events (all /tasks/ ones here) in order but asynchronously, so the
+    # daemon's own /containers/delete may overtake the last of them, as with containerd.
+    assert [t for t in topics if t != "/containers/delete"] == [
+        "/containers/create", "/tasks/create", "/tasks/start", "/tasks/exec-added",
+        "/tasks/exec-started", "/tasks/exit", "/tasks/paused", "/tasks/resumed", "/tasks/exit",
+        "/tasks/delete"], topics
+    assert topics.count("/containers/delete") == 1, topics
     by_topic = {}
     for _, topic, payload in ev.events(env.ns):
         by_topic.setdefault(topic, []).append(payload)
@@ -180,14 +185,17 @@ run c rm notask
 run run -d --runtime io.containerd.runc.v2 --rootfs $R run1 /bin/sleep 100
 run tasks rm run1
 run tasks start run1
-run tasks exec --exec-id e1 run1 /bin/sleep 5 &
-sleep 0.7
+BG=$(mktemp)
+run tasks exec --exec-id e1 run1 /bin/sleep 5 > $BG &
+waitfor() { for _ in $(seq 600); do eval "$1" && return; sleep 0.1; done; echo "gave up waiting: $1"; }
+waitfor '[ $($C tasks ps run1 2>/dev/null | wc -l) -ge 3 ]'
 run tasks exec --exec-id e1 run1 /bin/true
 run tasks kill --exec-id nosuchexec run1
 run tasks resize run1 80 24
 wait
+cat $BG; rm -f $BG
 run tasks kill -s 9 run1
-sleep 0.7
+waitfor '$C tasks ls 2>/dev/null | grep -q "^run1 .*STOPPED"'
 run tasks kill -s 9 run1
 run tasks pause run1
 run tasks resume run1
@@ -273,7 +281,7 @@ def test_rootfs_mounts_from_create_request(env):
             assert got.process.status.name == "CREATED"
             started = await tasks.start(tapi.StartRequest(container_id="api1"))
             assert started.pid == created.pid
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 60
             while "from-the-bind-mount" not in out_file.read_text() and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
             assert out_file.read_text() == "from-the-bind-mount\n"
@@ -285,7 +293,7 @@ def test_rootfs_mounts_from_create_request(env):
             assert [m.id for m in metrics.metrics] == ["api1"] and metrics.metrics[0].data.type_url
             assert (await tasks.metrics(tapi.MetricsRequest(filters=["id==other"]))).metrics == []
             await tasks.kill(tapi.KillRequest(container_id="api1", signal=9))
-            waited = await asyncio.wait_for(tasks.wait(tapi.WaitRequest(container_id="api1")), 10)
+            waited = await asyncio.wait_for(tasks.wait(tapi.WaitRequest(container_id="api1")), 60)
             assert waited.exit_status == 137 and waited.exited_at.year > 2000
             deleted = await tasks.delete(tapi.DeleteTaskRequest(container_id="api1"))
             assert (deleted.pid, deleted.exit_status) == (created.pid, 137)

@@ -91,7 +91,25 @@ class Events:
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        time.sleep(0.5)  # ctr subscribes before printing anything: give it a moment
+        self._wait_subscribed(address)
+
+    def _wait_subscribed(self, address: str, timeout: float = 60.0) -> None:
+        """ctr prints nothing once it has subscribed (and takes a while to on a loaded machine):
+        publish a probe event (a namespace made and removed) until it shows up."""
+        probe = f"probe-{uuid.uuid4().hex[:8]}"
+        deadline = time.monotonic() + timeout
+        while True:
+            for action in ("create", "remove"):
+                subprocess.run([CTR, "-a", address, "namespaces", action, probe], capture_output=True,
+                               timeout=60)
+            seen_by = min(deadline, time.monotonic() + 1.0)
+            while time.monotonic() < seen_by:
+                with self._lock:
+                    if any(probe in line for line in self.lines):
+                        return
+                time.sleep(0.02)
+            if time.monotonic() >= deadline or self.proc.poll() is not None:
+                raise AssertionError("ctr events never saw its probe event:\n" + "\n".join(self.lines[-20:]))
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -118,7 +136,7 @@ class Events:
         return [t for _, t, p in self.events(namespace)
                 if id is None or p.get("container_id", p.get("id")) == id]
 
-    def wait_for(self, predicate, timeout: float = 15.0, what: str = "events") -> None:
+    def wait_for(self, predicate, timeout: float = 60.0, what: str = "events") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if predicate(self):
@@ -193,7 +211,7 @@ class TaskEnv:
                 rows[parts[0]] = (int(parts[1]), parts[2])
         return rows
 
-    def wait_status(self, id: str, status: str, timeout: float = 15, ns: str | None = None) -> None:
+    def wait_status(self, id: str, status: str, timeout: float = 60, ns: str | None = None) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.tasks(ns).get(id, (0, ""))[1] == status:
@@ -250,7 +268,7 @@ class TaskEnv:
     def sockets(self, ids: list[tuple[str, str]]) -> list[Path]:
         return [s for ns, id in ids if (s := shim_socket(self.address, ns, id)).exists()]
 
-    def assert_no_leaks(self, ids: list[tuple[str, str]] = (), timeout: float = 10) -> None:
+    def assert_no_leaks(self, ids: list[tuple[str, str]] = (), timeout: float = 60) -> None:
         """No shim, bundle, work dir, mount under the daemon's dirs, runc container or shim
         socket is left (waits a little: shims exit just after answering Shutdown)."""
         deadline = time.monotonic() + timeout
