@@ -820,6 +820,24 @@ async def test_errors_keep_containerds_wording():
 
 @pytest.mark.root
 @needs_runc
+async def test_a_shim_nobody_calls_does_not_linger():
+    async with shim_world() as world:
+        world.env["PYRUNC_ORPHAN_TIMEOUT"] = "1.5"
+        shim = await start_shim(world)
+        pid = shim.pid
+        await shim.client.close()
+        await _wait_for(lambda: not _alive(pid), 10, "the uncalled shim to exit")
+        assert not os.path.exists(launch.socket_path(shim.address))
+        # the zygote names the daemon it serves
+        zygotes = [p for p in _processes_mentioning("zygote") if p in _processes_mentioning(str(world.root))]
+        assert len(zygotes) == 1
+        with open(f"/proc/{zygotes[0]}/cmdline", "rb") as f:
+            assert world.address.encode() in f.read().split(b"\0")
+    assert_clean(world)
+
+
+@pytest.mark.root
+@needs_runc
 async def test_shim_sigterm_exits_and_removes_socket():
     async with shim_world() as world:
         shim = await start_shim(world)

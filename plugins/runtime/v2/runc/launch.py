@@ -25,7 +25,8 @@ interpreter start and ~30 MB of imports. When the zygote cannot be used (PYRUNC_
 fails to start) the server is exec'd directly: `<this binary> -namespace NS -id ID -address ADDR`.
 
 Environment knobs (read by `start`, inherited from containerd): PYRUNC_ZYGOTE=0 disables the
-zygote; PYRUNC_ZYGOTE_DIR (default /run/pycontainerd/pyrunc) is where its socket lives;
+zygote; PYRUNC_ZYGOTE_DIR (default /run/pycontainerd/pyrunc) is where its socket lives (one zygote per
+daemon address and code version);
 PYRUNC_ZYGOTE_IDLE is the number of seconds it lingers without requests (default 600);
 PYRUNC_SHIM_GROUP=namespace puts every container of a daemon's namespace in one shim server (as if
 they all carried the same group annotation): one process for all of them instead of one each,
@@ -358,7 +359,7 @@ def launch_server(flags: Flags, sock) -> int:
     env["GOMAXPROCS"] = "4"
     if os.environ.get("PYRUNC_ZYGOTE", "1") not in ("0", "false", "no", "off"):
         try:
-            return zygote_fork(argv, os.getcwd(), env, sock.fileno())
+            return zygote_fork(argv, os.getcwd(), env, sock.fileno(), flags.address)
         except ZygoteUnavailable as err:
             sys.stderr.write(f"zygote unavailable, starting the shim directly: {err}\n")
     return spawn(argv, env, fds={3: sock.fileno()}, setpgroup=True)
@@ -544,8 +545,11 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def zygote_socket_path() -> str:
-    return os.path.join(zygote_dir(), f"zygote-{code_fingerprint()}.sock")
+def zygote_socket_path(containerd_address: str = "") -> str:
+    """One zygote per code version and daemon: a daemon's shims never come from a zygote another
+    daemon started (its environment, cgroups, lifetime are that daemon's business)."""
+    key = sha256(f"{code_fingerprint()}\0{containerd_address}".encode()).hexdigest()[:16]
+    return os.path.join(zygote_dir(), f"zygote-{key}.sock")
 
 
 _HEADER = struct.Struct(">I")
@@ -573,14 +577,14 @@ def _zygote_request(path: str, request: dict, fd: int, timeout: float) -> dict:
     return json.loads(data)
 
 
-def zygote_fork(argv: list, cwd: str, env: dict, listen_fd: int) -> int:
+def zygote_fork(argv: list, cwd: str, env: dict, listen_fd: int, containerd_address: str = "") -> int:
     """Ask the zygote (starting it if needed) for a server process; returns its pid."""
-    path = zygote_socket_path()
+    path = zygote_socket_path(containerd_address)
     request = {"argv": argv, "cwd": cwd, "env": env}
     try:
         reply = _zygote_request(path, request, listen_fd, 10.0)
     except (FileNotFoundError, ConnectionRefusedError):
-        start_zygote(path)
+        start_zygote(path, containerd_address)
         try:
             reply = _zygote_request(path, request, listen_fd, 10.0)
         except OSError as err:
@@ -592,7 +596,7 @@ def zygote_fork(argv: list, cwd: str, env: dict, listen_fd: int) -> int:
     return int(reply["pid"])
 
 
-def start_zygote(path: str, timeout: float = 30.0) -> None:
+def start_zygote(path: str, containerd_address: str = "", timeout: float = 30.0) -> None:
     """Start a zygote listening on `path` unless one already answers there (one at a time:
     concurrent `start`s serialise on a lock file next to the socket)."""
     directory = os.path.dirname(path)
@@ -614,7 +618,9 @@ def start_zygote(path: str, timeout: float = 30.0) -> None:
             probe.close()
         r, w = os.pipe()
         try:
-            argv = [self_executable(), "zygote", path, "-" * 1024]
+            # the padding leaves room to rewrite a forked server's cmdline; the daemon's address
+            # names the zygote's owner to ps (and to test harnesses cleaning up after a daemon)
+            argv = [self_executable(), "zygote", path, containerd_address or "-", "-" * 1024]
             env = dict(os.environ)
             spawn(argv, env, stdout=w, setsid=True)
         finally:

@@ -225,6 +225,17 @@ async def _rehearse(tmp: str, rounds: int) -> None:
     await sink.close(grace=1)
 
 
+ORPHAN_TIMEOUT = 60.0
+
+
+def _exit_if_orphaned(service: TaskService, done: asyncio.Event) -> None:
+    """containerd calls a new shim within a moment; one that was never called (its `start`
+    failed after the server was launched, or containerd could not connect) must not linger."""
+    if not service.called and not service.containers:
+        log.warning("nobody called this shim since it started, exiting")
+        done.set()
+
+
 def main(flags: launch.Flags, listen_fd: int | None = 3) -> int:
     if not flags.namespace:
         sys.stderr.write(f"{launch.NAME}: shim namespace cannot be empty")
@@ -279,7 +290,13 @@ async def serve(flags: launch.Flags, listen_fd: int | None, on_ready=None, addre
     log.info("starting signal loop", namespace=flags.namespace, path=os.getcwd(), pid=os.getpid())
     if on_ready is not None:
         on_ready(service)
+    try:
+        orphan_timeout = float(os.environ.get("PYRUNC_ORPHAN_TIMEOUT", ORPHAN_TIMEOUT))
+    except ValueError:
+        orphan_timeout = ORPHAN_TIMEOUT
+    orphan_check = loop.call_later(orphan_timeout, _exit_if_orphaned, service, done)
     await done.wait()
+    orphan_check.cancel()
     log.debug("shutting down")
     await server.close(grace=1.0)
     if identity is not None and _identity(launch.socket_path(address)) == identity:

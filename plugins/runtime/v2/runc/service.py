@@ -122,6 +122,7 @@ class TaskService(TaskBase):
         self.oom = cgroups.OOMWatcher(self._oom)
         self._exit_task = asyncio.get_running_loop().create_task(self._process_exits())
         self.containers_changed: Callable[[], None] | None = None
+        self.called = False  # any Task call yet (see server's orphan check)
 
     def _changed(self) -> None:
         if self.containers_changed is not None:
@@ -136,6 +137,7 @@ class TaskService(TaskBase):
         self.publisher.publish(topic, event)
 
     def _container(self, id: str) -> Container:
+        self.called = True
         container = self.containers.get(id)
         if container is None:
             raise errdefs.NotFound("container not created")
@@ -190,6 +192,7 @@ class TaskService(TaskBase):
     # ---------------------------------------------------------------------------- the Task service
 
     async def create(self, request: CreateTaskRequest) -> CreateTaskResponse:
+        self.called = True
         async with self._create_lock:
             return await self._create(request)
 
@@ -420,10 +423,12 @@ class TaskService(TaskBase):
         return StatsResponse(stats=ProtoAny(type_url=cgroup.url, value=data))
 
     async def connect(self, request: ConnectRequest) -> ConnectResponse:
+        self.called = True
         container = self.containers.get(request.id)
         return ConnectResponse(shim_pid=os.getpid(), task_pid=container.init.pid if container else 0)
 
     async def shutdown(self, request: ShutdownRequest) -> Empty:
+        self.called = True
         if not self.containers:
             self._shutdown()
         return Empty()

@@ -16,8 +16,9 @@ the requester's cgroups joined (the Go shim inherits containerd's), default sign
 and /proc/PID/cmdline rewritten to the argv a Go shim would show (`containerd-shim-pyrunc-v2
 -namespace NS -id ID -address ADDR`): the zygote is started with a padded argv so there is room.
 
-Only the zygote's own user may use it (SO_PEERCRED). It exits after PYRUNC_ZYGOTE_IDLE seconds
-(default 600) without a request, or as soon as its socket file is removed or replaced.
+Only the zygote's own user may use it (SO_PEERCRED). There is one per daemon address (its cmdline
+names it: `containerd-shim-pyrunc-v2 zygote SOCKET ADDRESS`). It exits after PYRUNC_ZYGOTE_IDLE
+seconds (default 600) without a request, or as soon as its socket file is removed or replaced.
 """
 from __future__ import annotations
 
@@ -294,8 +295,9 @@ def main(flags: launch.Flags) -> int:
         sys.stderr.write("zygote: socket path required\n")
         return 2
     path = os.path.abspath(flags.args[0])
+    owner = flags.args[1] if len(flags.args) > 1 and flags.args[1] != "-" else ""
     os.chdir("/")  # started from some bundle: nothing may be relative to it
-    set_cmdline([os.path.basename(launch.self_executable()), "zygote", path])
+    set_cmdline([os.path.basename(launch.self_executable()), "zygote", path, *([owner] if owner else [])])
     try:
         idle = float(os.environ.get("PYRUNC_ZYGOTE_IDLE", DEFAULT_IDLE))
     except ValueError:
@@ -347,9 +349,10 @@ def main(flags: launch.Flags) -> int:
                 break
     finally:
         if _socket_identity(path) == identity:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            for leftover in (path, path + ".lock"):
+                try:
+                    os.unlink(leftover)
+                except OSError:
+                    pass
         sock.close()
     return 0
