@@ -266,10 +266,15 @@ class TaskService(TaskBase):
                         self._index(container, process, subscription)
                 finally:
                     self.reaper.unsubscribe(subscription)
+            elif process.state == "created-checkpoint":  # restored now: its pid is new
+                subscription = self.reaper.subscribe()
+                try:
+                    await process.start()
+                    self._index(container, process, subscription)
+                finally:
+                    self.reaper.unsubscribe(subscription)
             else:
                 await process.start()
-                if process.pid > 0 and process.pid not in self._by_pid and process.exited_at is None:
-                    self._by_pid[process.pid] = (container, process)  # a restored init
             if container.cgroup is None and process.pid > 0:
                 container.cgroup = cgroups.load(process.pid)
             if isinstance(process, Exec):
