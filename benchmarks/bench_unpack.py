@@ -14,7 +14,7 @@ Measures (median of --runs, fresh target dirs / fresh daemon root each run):
   containerd.import   `ctr images import --snapshotter overlayfs` (content + unpack), wall time
   containerd.unpack   import minus `ctr images import --no-unpack` (content only): the unpack part
   ours.import         `pyctr images import --snapshotter overlayfs` against our daemon, when it can
-  *.diff_apply        the Diff service alone on each daemon: blobs ingested beforehand, then one
+  *.diff_apply        the Diff service alone on each daemon: image imported with --no-unpack, then one
                       Diff.Apply RPC per layer onto overlayfs snapshots (summed; daemon CPU)
 
 Ratios ours/containerd (target <= 1.0): archive/unpack (like for like), archive/import,
@@ -199,8 +199,8 @@ def time_daemon_import(kind: str, image: Path, unpack: bool) -> tuple[float, flo
             return ctr_import(CTR if kind == "containerd" else PYCTR, spec.address, image, unpack, "bench", d.pid)
 
 
-def time_diff_apply(kind: str, blobs: list[tuple[str, str, bytes]]) -> tuple[float, float]:
-    """The Diff service alone: every layer blob ingested first (not timed), then one Apply RPC
+def time_diff_apply(kind: str, image: Path, blobs: list[tuple[str, str, bytes]]) -> tuple[float, float]:
+    """The Diff service alone: the image imported without unpacking first (not timed), then one Apply RPC
     per layer onto a fresh overlayfs snapshot of the previous one; summed wall and daemon CPU."""
     import asyncio
 
@@ -228,14 +228,12 @@ def time_diff_apply(kind: str, blobs: list[tuple[str, str, bytes]]) -> tuple[flo
         spec = containerd_spec(tmp) if kind == "containerd" else pycontainerd_spec(tmp, pycache=tmp / "pyc")
         with Daemon(spec) as d:
             d.wait_ready()
-            for mt, digest, data in blobs:
-                r = subprocess.run([CTR, "--address", str(spec.address), "--namespace", "bench", "content",
-                                    "ingest", "--expected-digest", digest, "--expected-size", str(len(data)),
-                                    "in-" + digest[7:19]], input=data, capture_output=True, env=env, timeout=300)
-                if r.returncode != 0:
-                    raise RuntimeError(f"ctr content ingest failed: {r.stderr.decode(errors='replace')[-500:]}")
-                subprocess.run([CTR, "--address", str(spec.address), "--namespace", "bench", "content", "label",
-                                digest, "containerd.io/gc.root=bench"], capture_output=True, env=env)
+            # the image (not unpacked) keeps the blobs from the garbage collector
+            r = subprocess.run([CTR, "--address", str(spec.address), "--namespace", "bench", "images", "import",
+                                "--no-unpack", "--base-name", "bench/img", str(image)],
+                               capture_output=True, env=env, timeout=600)
+            if r.returncode != 0:
+                raise RuntimeError(f"ctr images import --no-unpack failed: {r.stderr.decode(errors='replace')[-500:]}")
             subprocess.run(["sync"], check=False)
             return asyncio.run(run(spec.address, d.pid))
 
@@ -281,8 +279,8 @@ def main() -> int:
                                 ("containerd.import", lambda: time_daemon_import("containerd", path, True)),
                                 ("containerd.content", lambda: time_daemon_import("containerd", path, False)),
                                 ("ours.import", lambda: time_daemon_import("pycontainerd", path, True)),
-                                ("ours.diff_apply", lambda: time_diff_apply("pycontainerd", blobs)),
-                                ("containerd.diff_apply", lambda: time_diff_apply("containerd", blobs))):
+                                ("ours.diff_apply", lambda: time_diff_apply("pycontainerd", path, blobs)),
+                                ("containerd.diff_apply", lambda: time_diff_apply("containerd", path, blobs))):
                     if key == "ours.import" and (args.no_ours_daemon or ours_error is not None):
                         continue
                     try:
