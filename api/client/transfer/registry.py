@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import re
+import ssl
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -196,6 +197,7 @@ class Authorizer:
                     self.handlers.pop(host, None)
                     raise AuthorizationFailed(f"server message: {c.params['error']}: authorization failed")
                 if host in self.handlers and self.handlers[host].scheme == "bearer":
+                    self.handlers[host].tokens.clear()  # expired, perhaps: fetch a fresh one
                     return
                 realm = c.params.get("realm")
                 if not realm:
@@ -217,6 +219,10 @@ def _reason(err: BaseException) -> str:
     "All connection attempts failed")."""
     seen = err
     while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"tls: failed to verify certificate: {seen.verify_message or seen.reason}"
+        if isinstance(seen, ssl.SSLError):
+            return f"tls: {seen.reason or seen}"
         if isinstance(seen, OSError) and (seen.errno or seen.strerror):
             return (os.strerror(seen.errno) if seen.errno else seen.strerror).lower()
         seen = seen.__cause__ or seen.__context__
