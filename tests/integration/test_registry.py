@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -405,7 +404,7 @@ def test_push_then_pull_roundtrip(server, registry, image_tar, pushed):
     _, digest = image_tar
     ns = unique("pull")
     r = pyctr(server, "images", "pull", pushed, ns=ns)
-    assert r.stdout.startswith(f"unpacking linux/") and f" {digest}...\n" in r.stdout, r.stdout
+    assert r.stdout.startswith("unpacking linux/") and f" {digest}...\n" in r.stdout, r.stdout
     assert r.stdout.splitlines()[-1].startswith("done: ")
     assert images(server, ns) == {pushed: digest}
     labels = content(server, ns)[digest]
@@ -630,3 +629,17 @@ def test_pull_platforms(server, registry, tmp_path):
     ns4 = unique("pp-back")
     pyctr(server, "images", "pull", "--platform", "linux/arm64", "--no-unpack", target, ns=ns4)
     assert images(server, ns4) == {target: arm}
+
+
+def test_concurrent_pulls_of_one_image(server, remote_only):
+    """Two pulls of the same image at once: one waits for the other's ingests, both succeed."""
+    ref, digest = remote_only
+    ns = unique("conc")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONTAINERD_")}
+    procs = [subprocess.Popen([PYCTR, "--address", server.address, "--namespace", ns, "images", "pull", ref],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+    assert images(server, ns) == {ref: digest}

@@ -308,7 +308,8 @@ class Services:
         return list(resp.statuses)
 
     async def abort(self, ref: str) -> None:
-        with contextlib.suppress(errdefs.NotFound):
+        """Drop the ingest `ref` (best effort: an error is not worth more than the one at hand)."""
+        with contextlib.suppress(errdefs.ContainerdError):
             await self._call(content_api.ContentStub, "abort", content_api.AbortRequest(ref=ref))
 
     async def read_chunks(self, digest: str, offset: int = 0, size: int = 0) -> AsyncIterator[bytes]:
