@@ -174,6 +174,7 @@ async def cmd_pull(svc: Any, args: argparse.Namespace) -> None:
     if not args.ref:
         raise errdefs.InvalidArgument("please provide an image reference to pull")
     options = PullOptions(platforms=args.platform, all_platforms=args.all_platforms,
+                          all_metadata=args.all_metadata,
                           labels=label_args(args.label), snapshotter=args.snapshotter,
                           max_concurrent_downloads=args.max_concurrent_downloads or 3)
     remote = _remote(args)

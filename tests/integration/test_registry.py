@@ -619,6 +619,13 @@ def test_pull_platforms(server, registry, tmp_path):
     blobs = content(server, ns2)
     assert amd in blobs and arm in blobs
 
+    ns_meta = unique("pp-meta")
+    pyctr(server, "images", "pull", "--all-metadata", ref, ns=ns_meta)
+    blobs = content(server, ns_meta)
+    arm_manifest = json.loads(query(server, ns_meta, lambda svc: svc.read_all(arm)))
+    assert arm in blobs and arm_manifest["config"]["digest"] in blobs  # metadata of arm64 too
+    assert blobs[idx]["containerd.io/gc.ref.content.m.1"] == arm
+
     ns3 = unique("pp-arm")
     pyctr(server, "images", "pull", "--platform", "linux/arm64", ref, ns=ns3)
     blobs = content(server, ns3)

@@ -40,6 +40,7 @@ LOCK_WAIT = 1800.0
 class PullOptions:
     platforms: list[str] = field(default_factory=list)
     all_platforms: bool = False
+    all_metadata: bool = False  # also the manifests and configs of the other platforms
     labels: dict[str, str] = field(default_factory=dict)
     max_concurrent_downloads: int = 3
     unpack: bool = True
@@ -103,7 +104,7 @@ class Arrivals:
 
 class _Fetcher:
     def __init__(self, svc: Services, registry: Registry, limit: int, progress: Progress,
-                 arrivals: Optional[Arrivals] = None):
+                 arrivals: Optional[Arrivals] = None, all_metadata: bool = False):
         self.svc = svc
         self.registry = registry
         self.sem = asyncio.Semaphore(max(limit, 1))
@@ -115,10 +116,16 @@ class _Fetcher:
             host = host.rsplit(":", 1)[0]
         self.source_key = mt.LABEL_DISTRIBUTION_SOURCE + host
         self.repo = registry.repository
-        self.seen: dict[str, asyncio.Task] = {}
+        self.seen: dict[tuple[str, bool], asyncio.Task] = {}
         self.arrivals = arrivals or Arrivals()
+        self.all_metadata = all_metadata
 
-    async def dispatch(self, desc: Descriptor, matcher: plat.Matcher, depth: int = 0) -> None:
+    async def dispatch(self, desc: Descriptor, matcher: plat.Matcher, depth: int = 0,
+                       metadata_only: bool = False) -> None:
+        """Fetch `desc` and what it needs. The gc.ref labels of a manifest or index name all its
+        children, as containerd's pull labels them (before the platform filter); an index's
+        children for other platforms are skipped, or with all_metadata fetched as metadata
+        (their manifest and config, no layers)."""
         if depth > 8:
             raise errdefs.InvalidArgument(f"{desc.digest}: indexes nested too deeply")
         if desc.media_type == mt.DOCKER_SCHEMA1:
@@ -126,21 +133,28 @@ class _Fetcher:
         async with self.sem:
             data = await self.fetch(desc)
         self.arrivals.arrived(desc.digest)
-        kids: list[Descriptor] = []
+        todo: list[tuple[Descriptor, bool]] = []
         if data is not None:
             doc = mt.parse_document(data, desc)
             kids = mt.children(doc, desc)
+            if kids:
+                await self.svc.update_labels(desc.digest, mt.children_labels(kids))
             if mt.is_index(desc.media_type):
                 for k in kids:
                     if not (mt.is_manifest(k.media_type) or mt.is_index(k.media_type)):
                         raise errdefs.InvalidArgument(
                             f"index {desc.digest}: unknown manifest media type {k.media_type!r}")
-                kids = [k for k in kids if matcher.match(k.platform)]
-            if kids:
-                await self.svc.update_labels(desc.digest, mt.children_labels(kids))
+                    if matcher.match(k.platform):
+                        todo.append((k, metadata_only))
+                    elif self.all_metadata:
+                        todo.append((k, True))
+            elif metadata_only:
+                todo = [(kids[0], True)]  # a manifest's config
+            else:
+                todo = [(k, False) for k in kids]
         await self._source_label(desc)
-        if kids:
-            await asyncio.gather(*(self._once(k, matcher, depth + 1) for k in kids))
+        if todo:
+            await asyncio.gather(*(self._once(k, matcher, depth + 1, meta) for k, meta in todo))
 
     async def cancel(self) -> None:
         """Stop every fetch still running (after a failure)."""
@@ -149,11 +163,12 @@ class _Fetcher:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _once(self, desc: Descriptor, matcher: plat.Matcher, depth: int) -> asyncio.Task:
-        task = self.seen.get(desc.digest)
+    def _once(self, desc: Descriptor, matcher: plat.Matcher, depth: int, metadata_only: bool) -> asyncio.Task:
+        key = (desc.digest, metadata_only)
+        task = self.seen.get(key)
         if task is None:
-            task = asyncio.ensure_future(self.dispatch(desc, matcher, depth))
-            self.seen[desc.digest] = task
+            task = asyncio.ensure_future(self.dispatch(desc, matcher, depth, metadata_only))
+            self.seen[key] = task
         return task
 
     async def _source_label(self, desc: Descriptor) -> None:
@@ -276,7 +291,8 @@ async def fetch(svc: Services, ref: str, remote: Optional[RemoteOptions] = None,
         desc = await _resolve(registry, ref)
         progress.note(ref, "resolved")
         async with svc.leased() as leased:
-            fetcher = _Fetcher(leased, registry, options.max_concurrent_downloads, progress)
+            fetcher = _Fetcher(leased, registry, options.max_concurrent_downloads, progress,
+                               all_metadata=options.all_metadata)
             try:
                 await fetcher.dispatch(desc, matcher)
             except BaseException:
@@ -303,7 +319,8 @@ async def pull(svc: Services, ref: str, remote: Optional[RemoteOptions] = None,
         progress.note(ref, "resolved")
         async with svc.leased() as leased:
             arrivals = Arrivals()
-            fetcher = _Fetcher(leased, registry, options.max_concurrent_downloads, progress, arrivals)
+            fetcher = _Fetcher(leased, registry, options.max_concurrent_downloads, progress, arrivals,
+                               all_metadata=options.all_metadata)
             unpacking = asyncio.ensure_future(unpack(leased, desc, want, options.snapshotter,
                                                      wait=arrivals.wait))
             try:
