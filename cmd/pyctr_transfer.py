@@ -20,23 +20,12 @@ from typing import Any
 
 from pycontainerd.api.client import Client, errdefs
 
+from .pyctr_output import label_args
+
 # The transfer package (and httpx under it) is imported when one of these commands runs, so
 # the rest of pyctr does not pay for it at start-up.
 BUSYBOX_NAME = "docker.io/library/busybox:latest"
 DEFAULT_SNAPSHOTTER = "overlayfs"
-
-
-def _lazy() -> tuple:
-    from pycontainerd.api.client.transfer import archive, busybox
-    from pycontainerd.api.client.transfer import platforms as plat
-    from pycontainerd.api.client.transfer.progress import Progress
-    from pycontainerd.api.client.transfer.pull import PullOptions, fetch, image_platforms, pull
-    from pycontainerd.api.client.transfer.push import PushOptions, push, select_platform_manifest
-    from pycontainerd.api.client.transfer.unpack import unpack
-    return (archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest,
-            unpack, PullOptions, PushOptions, pull)
-
-from .pyctr_output import label_args
 
 
 def _default_snapshotter() -> str:
@@ -93,8 +82,9 @@ async def _unpack_images(svc: Any, images: list, matcher: Any, snapshotter: str,
 
 @_with_services
 async def cmd_import(svc: Any, args: argparse.Namespace) -> None:
-    (archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack,
-     PullOptions, PushOptions, pull_and_unpack) = _lazy()
+    from pycontainerd.api.client.transfer import archive, busybox
+    from pycontainerd.api.client.transfer import platforms as plat
+    from pycontainerd.api.client.transfer.progress import Progress
     options = archive.ImportOptions(base_name=args.base_name, digests=args.digests,
                                     skip_digest_for_named=args.skip_digest_for_named,
                                     index_name=args.index_name, all_platforms=args.all_platforms,
@@ -131,8 +121,8 @@ async def cmd_import(svc: Any, args: argparse.Namespace) -> None:
 
 @_with_services
 async def cmd_export(svc: Any, args: argparse.Namespace) -> None:
-    (archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack,
-     PullOptions, PushOptions, pull_and_unpack) = _lazy()
+    from pycontainerd.api.client.transfer import archive
+    from pycontainerd.api.client.transfer.progress import Progress
     if not args.output or not args.images:
         raise errdefs.InvalidArgument("please provide both an output filename and an image reference to export")
     options = archive.ExportOptions(platforms=args.platform, all_platforms=args.all_platforms,
@@ -169,8 +159,10 @@ async def cmd_export(svc: Any, args: argparse.Namespace) -> None:
 
 @_with_services
 async def cmd_pull(svc: Any, args: argparse.Namespace) -> None:
-    (archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack,
-     PullOptions, PushOptions, pull_and_unpack) = _lazy()
+    from pycontainerd.api.client.transfer import platforms as plat
+    from pycontainerd.api.client.transfer.pull import PullOptions, fetch, image_platforms
+    from pycontainerd.api.client.transfer.pull import pull as pull_and_unpack
+    from pycontainerd.api.client.transfer.unpack import unpack
     if not args.ref:
         raise errdefs.InvalidArgument("please provide an image reference to pull")
     options = PullOptions(platforms=args.platform, all_platforms=args.all_platforms,
@@ -228,8 +220,7 @@ def _go_duration(seconds: float) -> str:
 
 @_with_services
 async def cmd_push(svc: Any, args: argparse.Namespace) -> None:
-    (archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack,
-     PullOptions, PushOptions, pull_and_unpack) = _lazy()
+    from pycontainerd.api.client.transfer.push import PushOptions, push, select_platform_manifest
     if not args.remote:
         raise errdefs.InvalidArgument("please provide a remote image reference to push")
     if args.manifest:
@@ -260,8 +251,8 @@ async def cmd_push(svc: Any, args: argparse.Namespace) -> None:
 
 @_with_services
 async def cmd_unpack(svc: Any, args: argparse.Namespace) -> None:
-    (archive, busybox, plat, Progress, fetch, image_platforms, push, select_platform_manifest, unpack,
-     PullOptions, PushOptions, pull_and_unpack) = _lazy()
+    from pycontainerd.api.client.transfer import platforms as plat
+    from pycontainerd.api.client.transfer.progress import Progress
     matcher = plat.Matcher([plat.parse(args.platform)]) if args.platform else plat.Matcher([plat.default()])
     images = [await svc.image_get(name) for name in args.images]
     await _unpack_images(svc, images, matcher, args.snapshotter, Progress())
