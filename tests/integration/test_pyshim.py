@@ -713,6 +713,7 @@ async def test_namespace_wide_server_outlives_its_first_bundle():
     log off the first bundle when that one goes, and only the last Shutdown ends it."""
     async with shim_world() as world:
         world.env["PYRUNC_SHIM_GROUP"] = "namespace"
+        world.env["PYRUNC_SHIM_LINGER"] = "6"
         first = await start_shim(world, args=["sh", "-c", "exit 1"])
         second = await start_shim(world, args=["sleep", "300"])
         assert first.address == second.address == launch.socket_address(world.address, world.namespace,
@@ -743,7 +744,17 @@ async def test_namespace_wide_server_outlives_its_first_bundle():
         await second.task.kill(KillRequest(id=second.task_id, signal=signal.SIGKILL))
         await second.task.wait(WaitRequest(id=second.task_id))
         await finish(second)
-        await _wait_for(lambda: not _alive(server_pid), 10, "the server to exit after the last Shutdown")
+        # the last Shutdown: the server lingers, and a container coming meanwhile gets it
+        await asyncio.sleep(0.5)
+        assert _alive(server_pid)
+        fourth = await start_shim(world, args=["sh", "-c", "exit 0"])
+        assert fourth.address == second.address
+        await fourth.task.create(fourth.create_request())
+        await fourth.task.start(StartRequest(id=fourth.task_id))
+        await fourth.task.wait(WaitRequest(id=fourth.task_id))
+        await finish(fourth)
+        assert _alive(server_pid)
+        await _wait_for(lambda: not _alive(server_pid), 10, "the server to exit once it lingered")
         assert not os.path.exists(launch.socket_path(second.address))
     assert_clean(world)
 

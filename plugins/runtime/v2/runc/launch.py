@@ -30,7 +30,9 @@ daemon address and code version);
 PYRUNC_ZYGOTE_IDLE is the number of seconds it lingers without requests (default 600);
 PYRUNC_SHIM_GROUP=namespace puts every container of a daemon's namespace in one shim server (as if
 they all carried the same group annotation): one process for all of them instead of one each,
-at the price of a shared fate (a dead server takes all its containers' tasks with it).
+at the price of a shared fate (a dead server takes all its containers' tasks with it). Such a
+server lingers PYRUNC_SHIM_LINGER seconds (default 10) after its last container, so that the next
+one needs no new process; `start` reserves it with a Connect call before handing it out.
 """
 import _socket as socket  # socket.py imports selectors and builds enums: ~5 ms we do not need
 import errno
@@ -269,6 +271,52 @@ def can_connect(address: str, timeout: float = 0.1) -> bool:
     return True
 
 
+def _pb_bytes(num: int, data: bytes) -> bytes:
+    return _varint((num << 3) | 2) + _varint(len(data)) + data
+
+
+_TTRPC_HEADER = struct.Struct(">IIBB")
+
+
+def ttrpc_connect(address: str, task_id: str, timeout: float = 2.0) -> str:
+    """containerd.task.v2.Task/Connect on the shim at `address` (a hand-made ttrpc request, to
+    keep this module free of the generated API): "ok" when it answered OK, "refused" when nothing
+    listens there, "busy" when something does but did not answer OK."""
+    request = (_pb_bytes(1, b"containerd.task.v2.Task") + _pb_bytes(2, b"Connect")
+               + _pb_bytes(3, _pb_bytes(1, task_id.encode())))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(socket_path(address))
+        except OSError:
+            return "refused"
+        sock.sendall(_TTRPC_HEADER.pack(len(request), 1, 1, 0) + request)
+        data = b""
+        while len(data) < _TTRPC_HEADER.size or len(data) < _TTRPC_HEADER.size + _TTRPC_HEADER.unpack(
+                data[:_TTRPC_HEADER.size])[0]:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return "busy"
+            data += chunk
+    except OSError:
+        return "busy"
+    finally:
+        sock.close()
+    length, stream, mtype, _flags = _TTRPC_HEADER.unpack(data[:_TTRPC_HEADER.size])
+    if stream != 1 or mtype != 2:
+        return "busy"
+    try:
+        for num, wire, value in proto_fields(data[_TTRPC_HEADER.size:_TTRPC_HEADER.size + length]):
+            if num == 1 and wire == 2:
+                for snum, swire, svalue in proto_fields(value):
+                    if snum == 1 and swire == 0 and svalue != 0:
+                        return "busy"
+    except ValueError:
+        return "busy"
+    return "ok"
+
+
 def remove_socket(address: str) -> None:
     if address.startswith("unix://"):
         try:
@@ -309,19 +357,28 @@ def start(flags: Flags) -> str:
     if group == flags.id and os.environ.get("PYRUNC_SHIM_GROUP") == "namespace":
         group = SHARED_GROUP
     address = socket_address(flags.address, flags.namespace, group)
-    try:
-        sock = new_socket(address)
-    except OSError as err:
-        if err.errno != errno.EADDRINUSE:
-            raise ShimError(f"create new shim socket: {_oserror_text(err)}") from None
-        if can_connect(address):
-            write_address("address", address)  # a shim of this group already serves it
-            return address
-        remove_socket(address)
+    deadline = time.monotonic() + 10.0
+    while True:
         try:
             sock = new_socket(address)
-        except OSError as err2:
-            raise ShimError(f"try create new shim socket 2x: {_oserror_text(err2)}") from None
+            break
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise ShimError(f"create new shim socket: {_oserror_text(err)}") from None
+        # a shim of this group already serves it. A namespace-wide server may be lingering after
+        # its last container: it is told someone comes (and answers) rather than just probed,
+        # and one that is on its way out is waited for, never replaced under its feet.
+        state = ttrpc_connect(address, flags.id) if group == SHARED_GROUP else (
+            "ok" if can_connect(address) else "refused")
+        if state == "ok":
+            write_address("address", address)
+            return address
+        if state == "refused":  # dead: its socket file is stale
+            remove_socket(address)
+        elif time.monotonic() > deadline:
+            raise ShimError(f"the shim at {address} neither serves nor goes away")
+        else:
+            time.sleep(0.05)
     pid = 0
     try:
         write_address("address", address)

@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 
 import structlog
 
@@ -226,6 +227,17 @@ async def _rehearse(tmp: str, rounds: int) -> None:
 
 
 ORPHAN_TIMEOUT = 60.0
+DEFAULT_SHARED_LINGER = 10.0
+
+
+def _linger() -> float:
+    """Seconds a namespace-wide server stays after its last container (none for the others)."""
+    if os.environ.get("PYRUNC_SHIM_GROUP") != "namespace":
+        return 0.0
+    try:
+        return max(0.0, float(os.environ.get("PYRUNC_SHIM_LINGER", DEFAULT_SHARED_LINGER)))
+    except ValueError:
+        return DEFAULT_SHARED_LINGER
 
 
 def _exit_if_orphaned(service: TaskService, done: asyncio.Event) -> None:
@@ -268,7 +280,27 @@ async def serve(flags: launch.Flags, listen_fd: int | None, on_ready=None, addre
     done = asyncio.Event()
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
     publisher.start()
-    service = TaskService(flags.namespace, publisher, reaper, done.set)
+    linger = _linger()
+
+    def shutdown_requested() -> None:
+        """Shutdown with no container left: exit, or first linger for a next container."""
+        if linger <= 0:
+            done.set()
+            return
+
+        def check() -> None:
+            if service.containers or done.is_set():
+                return  # serving again: the next Shutdown starts over
+            idle = time.monotonic() - service.last_call
+            if idle >= linger:
+                service.closing = True  # in the same loop step as the decision: no Connect slips in
+                done.set()
+            else:
+                loop.call_later(linger - idle, check)
+
+        loop.call_later(linger, check)
+
+    service = TaskService(flags.namespace, publisher, reaper, shutdown_requested)
     if log_follower is not None:
         service.containers_changed = lambda: log_follower.update([c.bundle for c in service.containers.values()])
     identity = _identity(launch.socket_path(address)) if address.startswith("unix://") else None

@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import shutil
+import time
 from typing import Callable
 
 import structlog
@@ -123,6 +124,8 @@ class TaskService(TaskBase):
         self._exit_task = asyncio.get_running_loop().create_task(self._process_exits())
         self.containers_changed: Callable[[], None] | None = None
         self.called = False  # any Task call yet (see server's orphan check)
+        self.last_call = time.monotonic()
+        self.closing = False  # set by the server once it decided to exit
 
     def _changed(self) -> None:
         if self.containers_changed is not None:
@@ -138,6 +141,7 @@ class TaskService(TaskBase):
 
     def _container(self, id: str) -> Container:
         self.called = True
+        self.last_call = time.monotonic()
         container = self.containers.get(id)
         if container is None:
             raise errdefs.NotFound("container not created")
@@ -193,6 +197,7 @@ class TaskService(TaskBase):
 
     async def create(self, request: CreateTaskRequest) -> CreateTaskResponse:
         self.called = True
+        self.last_call = time.monotonic()
         async with self._create_lock:
             return await self._create(request)
 
@@ -428,12 +433,16 @@ class TaskService(TaskBase):
         return StatsResponse(stats=ProtoAny(type_url=cgroup.url, value=data))
 
     async def connect(self, request: ConnectRequest) -> ConnectResponse:
+        if self.closing:  # a lingering server that has just decided to go: take no one in
+            raise errdefs.Unavailable("shim is shutting down")
         self.called = True
+        self.last_call = time.monotonic()
         container = self.containers.get(request.id)
         return ConnectResponse(shim_pid=os.getpid(), task_pid=container.init.pid if container else 0)
 
     async def shutdown(self, request: ShutdownRequest) -> Empty:
         self.called = True
+        self.last_call = time.monotonic()
         if not self.containers:
             self._shutdown()
         return Empty()
