@@ -43,8 +43,7 @@ FORWARDED_SIGNALS = [s for s in (
 keep SIGCHLD, SIGPIPE and the fault signals to ourselves)."""
 
 
-class UsageError(errdefs.InvalidArgument):
-    pass
+from .pyctr import UsageError  # noqa: E402  (a bad command line: "pyctr: <message>", exit 1)
 
 
 # -- flags -----------------------------------------------------------------------------------
@@ -306,8 +305,7 @@ async def container_from_args(client: Client, args: argparse.Namespace, run: boo
 
 # -- running a task with the terminal --------------------------------------------------------
 
-def task_io(process_id: str, *, tty: bool, null_io: bool, log_uri: str, fifo_dir: str,
-            on_stdin_eof) -> cio.IO:
+def task_io(process_id: str, *, tty: bool, null_io: bool, log_uri: str, fifo_dir: str) -> cio.IO:
     """ctr's IO choice: a console (tty), /dev/null, a log URI, or the terminal's stdio."""
     if tty:
         if null_io:
@@ -317,7 +315,7 @@ def task_io(process_id: str, *, tty: bool, null_io: bool, log_uri: str, fifo_dir
         return cio.null_io()
     if log_uri:
         return cio.log_uri(log_uri)
-    return cio.fifo_io(process_id, **cio.stdio(), fifo_dir=fifo_dir, on_stdin_eof=on_stdin_eof)
+    return cio.fifo_io(process_id, **cio.stdio(), fifo_dir=fifo_dir)
 
 
 def write_pid_file(path: str, pid: int) -> None:
@@ -333,17 +331,31 @@ def write_pid_file(path: str, pid: int) -> None:
 
 
 class Foreground:
-    """While a process runs in the foreground: raw console + resize (tty), or signal forwarding."""
+    """While a process runs in the foreground: raw console + resize (tty), or signal forwarding.
 
-    def __init__(self, process: Process, console: Optional[cio.Console]):
+    Enter it before starting the process: signals that arrive before `started()` are held and
+    forwarded once the process runs (ctr would die of them in that window)."""
+
+    def __init__(self, process: Process, console: Optional[cio.Console], started: bool = True):
         self.process, self.console = process, console
         self._installed: list[int] = []
         self._forwarding = True
+        self._started = started
+        self._held: list[int] = []
+
+    async def started(self) -> None:
+        self._started = True
+        if self.console is not None:
+            await self._resize()
+        held, self._held = self._held, []
+        for sig in held:
+            await self._kill(sig)
 
     async def __aenter__(self) -> "Foreground":
         loop = asyncio.get_running_loop()
         if self.console is not None:
-            await self._resize()
+            if self._started:
+                await self._resize()
             loop.add_signal_handler(signal.SIGWINCH, lambda: asyncio.ensure_future(self._resize()))
             self._installed.append(signal.SIGWINCH)
         else:
@@ -362,6 +374,8 @@ class Foreground:
             loop.remove_signal_handler(sig)
 
     async def _resize(self) -> None:
+        if not self._started:
+            return
         try:
             width, height = self.console.size()
             await self.process.resize(width, height)
@@ -369,7 +383,9 @@ class Foreground:
             pass
 
     def _forward(self, sig: int) -> None:
-        if self._forwarding:
+        if not self._started:
+            self._held.append(sig)
+        elif self._forwarding:
             asyncio.ensure_future(self._kill(sig))
 
     async def _kill(self, sig: int) -> None:
@@ -387,10 +403,12 @@ async def run_process(process: Process, waiter: "asyncio.Future", console: Optio
     exit code, or None when detached."""
     if pid_file:
         write_pid_file(pid_file, process.pid)
-    await process.start()
     if detach:
+        await process.start()
         return None
-    async with Foreground(process, console):
+    async with Foreground(process, console, started=False) as fg:
+        await process.start()
+        await fg.started()
         status = await waiter
     return status.code
 
@@ -406,15 +424,7 @@ async def cmd_run(client: Client, args: argparse.Namespace) -> None:
         if args.tty:
             console = cio.Console.current()
             console.set_raw()
-        loop = asyncio.get_running_loop()
-        process_box: list[Process] = []
-
-        def stdin_eof() -> None:
-            if process_box:
-                asyncio.run_coroutine_threadsafe(_close_stdin(process_box[0]), loop)
-
-        io = task_io(cid, tty=args.tty, null_io=args.null_io, log_uri=args.log_uri, fifo_dir=args.fifo_dir,
-                     on_stdin_eof=stdin_eof)
+        io = task_io(cid, tty=args.tty, null_io=args.null_io, log_uri=args.log_uri, fifo_dir=args.fifo_dir)
         rootfs = []
         if container.snapshot_key:
             rootfs = await client.snapshots.mounts(container.snapshot_key, snapshotter=container.snapshotter)
@@ -422,7 +432,6 @@ async def cmd_run(client: Client, args: argparse.Namespace) -> None:
         if args.no_pivot and args.runtime == RUNC_V2:
             options = runc_options_no_pivot()
         process = await new_task(client.tasks, cid, io, rootfs=rootfs, options=options)
-        process_box.append(process)
         waiter = None if args.detach else process.wait()
         try:
             code = await run_process(process, waiter, console, args.detach, args.pid_file)
@@ -458,13 +467,6 @@ async def discard(waiter: Optional["asyncio.Future"]) -> None:
     try:
         await waiter
     except BaseException:  # cancelled, or the daemon's error: nobody waits for it any more
-        pass
-
-
-async def _close_stdin(process: Process) -> None:
-    try:
-        await process.close_stdin()
-    except errdefs.ContainerdError:
         pass
 
 

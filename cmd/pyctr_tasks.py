@@ -79,10 +79,7 @@ async def cmd_start(client: Client, args: argparse.Namespace) -> None:
         if tty:
             console = cio.Console.current()
             console.set_raw()
-        loop = asyncio.get_running_loop()
-        box: list[Process] = []
-        io = task_io(cid, tty=tty, null_io=args.null_io, log_uri=args.log_uri, fifo_dir=args.fifo_dir,
-                     on_stdin_eof=lambda: box and asyncio.run_coroutine_threadsafe(_close_stdin(box[0]), loop))
+        io = task_io(cid, tty=tty, null_io=args.null_io, log_uri=args.log_uri, fifo_dir=args.fifo_dir)
         rootfs = []
         if container.snapshot_key:
             rootfs = await client.snapshots.mounts(container.snapshot_key, snapshotter=container.snapshotter)
@@ -91,7 +88,6 @@ async def cmd_start(client: Client, args: argparse.Namespace) -> None:
             from .pyctr_run import runc_options_no_pivot
             options = runc_options_no_pivot()
         process = await new_task(client.tasks, cid, io, rootfs=rootfs, options=options)
-        box.append(process)
         waiter = None if args.detach else process.wait()
         try:
             code = await run_process(process, waiter, console, args.detach, args.pid_file)
@@ -104,13 +100,6 @@ async def cmd_start(client: Client, args: argparse.Namespace) -> None:
         if console is not None:
             console.reset()
     _exit(code)
-
-
-async def _close_stdin(process: Process) -> None:
-    try:
-        await process.close_stdin()
-    except errdefs.ContainerdError:
-        pass
 
 
 async def cmd_attach(client: Client, args: argparse.Namespace) -> None:
@@ -136,9 +125,10 @@ async def cmd_attach(client: Client, args: argparse.Namespace) -> None:
                 status = await waiter
         finally:
             await discard(waiter)
-            # ctr's attach deletes the task once it has exited
+            # ctr's attach deletes the task once it has exited, and the FIFOs with it
             try:
                 await process.delete()
+                cio.remove_fifos(st.io_config)
             except errdefs.ContainerdError:
                 io.close()
     finally:
@@ -174,8 +164,6 @@ async def cmd_exec(client: Client, args: argparse.Namespace) -> None:
     console = None
     code = None
     try:
-        loop = asyncio.get_running_loop()
-        box: list[Process] = []
         if args.tty:
             console = cio.Console.current()
             console.set_raw()
@@ -183,17 +171,16 @@ async def cmd_exec(client: Client, args: argparse.Namespace) -> None:
         elif args.log_uri:
             io = cio.log_uri(args.log_uri)
         else:
-            io = cio.fifo_io(args.exec_id, **cio.stdio(), fifo_dir=args.fifo_dir,
-                             on_stdin_eof=lambda: box and asyncio.run_coroutine_threadsafe(
-                                 _close_stdin(box[0]), loop))
+            io = cio.fifo_io(args.exec_id, **cio.stdio(), fifo_dir=args.fifo_dir)
         process = await exec_process(client.tasks, cid, args.exec_id, oci._marshal(pspec, "Process"), io)
-        box.append(process)
         waiter = None if args.detach else process.wait()
         try:
-            await process.start()
             if waiter is None:
+                await process.start()
                 return
-            async with Foreground(process, console):
+            async with Foreground(process, console, started=False) as fg:
+                await process.start()
+                await fg.started()
                 code = (await waiter).code
         finally:
             await discard(waiter)

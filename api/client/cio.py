@@ -15,8 +15,9 @@ reader is there — containerd's fifo package semantics), so each thread opens i
 then copies; `cancel()` releases a thread still blocked in open by opening that FIFO from the
 other side. stdout/stderr copies end at EOF, which comes once the shim closes its end (at task
 or process delete, after it has drained the process's output): `wait()` waits for that. The
-stdin copy ends at EOF of the caller's stdin and then calls `on_stdin_eof` (a task's CloseIO),
-like ctr's stdinCloser.
+stdin copy ends at EOF of the caller's stdin and then calls `on_stdin_eof` (tasks.py makes it the
+process's CloseIO once the process has started: the shim keeps a writer of its own on the stdin
+FIFO, so only CloseIO lets the process see EOF), like ctr's stdinCloser.
 
 Owns nothing on the daemon side and never talks to it: tasks.py wires IO to the Tasks API.
 """
@@ -264,6 +265,8 @@ class CopyIO(IO):
         super().__init__(fifos.config)
         self.fifos = fifos
         self.on_stdin_eof = on_stdin_eof
+        self._eof_lock = threading.Lock()
+        self._stdin_eof = False
         self._remove_fifos = remove_fifos
         self._closed = False
         self._copies: list[_Copy] = []
@@ -287,8 +290,11 @@ class CopyIO(IO):
                         return
 
             def stdin_done() -> None:
-                if self.on_stdin_eof is not None:
-                    self.on_stdin_eof()
+                with self._eof_lock:
+                    self._stdin_eof = True
+                    callback = self.on_stdin_eof
+                if callback is not None:
+                    callback()
             self._copies.append(_Copy("stdin", cfg.stdin, os.O_WRONLY, pump_in, stdin_done))
         for name, path, target in (("stdout", cfg.stdout, stdout), ("stderr", cfg.stderr, stderr)):
             if not path or target is None or (name == "stderr" and cfg.terminal):
@@ -313,6 +319,15 @@ class CopyIO(IO):
             self._out.append(copy)
         for copy in self._copies:
             copy.start()
+
+    def when_stdin_eof(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (from the copy thread) once the caller's stdin has ended and our end
+        of the stdin FIFO is closed; right away when that already happened."""
+        with self._eof_lock:
+            self.on_stdin_eof = callback
+            done = self._stdin_eof
+        if done:
+            callback()
 
     async def wait(self, timeout: Optional[float] = None) -> bool:
         futures = [asyncio.wrap_future(c.future) for c in self._out]

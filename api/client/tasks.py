@@ -270,6 +270,7 @@ class Process:
         return f"Process(container_id={self.container_id!r}, exec_id={self.exec_id!r}, pid={self.pid})"
 
     async def start(self) -> int:
+        """Start the process; from then on the end of its stdin stream closes its stdin."""
         try:
             self.pid = await self.tasks.start(self.container_id, self.exec_id)
         except BaseException:
@@ -277,7 +278,20 @@ class Process:
                 self.io.cancel()
                 self.io.close()
             raise
+        when_eof = getattr(self.io, "when_stdin_eof", None)
+        if when_eof is not None and self.io.config.stdin:
+            loop = asyncio.get_running_loop()
+
+            def closed() -> None:
+                asyncio.run_coroutine_threadsafe(self._close_stdin_quietly(), loop)
+            when_eof(closed)
         return self.pid
+
+    async def _close_stdin_quietly(self) -> None:
+        try:
+            await self.close_stdin()
+        except errdefs.ContainerdError:
+            pass
 
     def wait(self) -> "asyncio.Task[ExitStatus]":
         return asyncio.ensure_future(self.tasks.wait(self.container_id, self.exec_id))
