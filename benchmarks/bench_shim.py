@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    CONTAINERD, PYCONTAINERD, REPO, Daemon, DaemonSpec, containerd_spec, pycontainerd_spec,
+    CONTAINERD, PYCONTAINERD, Daemon, DaemonSpec, containerd_spec, pycontainerd_spec,
     raised_priority, short_tempdir,
 )
 
