@@ -150,13 +150,18 @@ class CpuAccount:
 
 
 def kill_processes_under(path: Path) -> None:
-    """SIGKILL what we started there and left behind (a zygote, a shim), by pid."""
-    for pid, _cmd in processes(str(path)):
-        if pid != os.getpid():
+    """End what we started there and left behind (a zygote, a lingering shim), by pid: SIGTERM
+    first, so a shim removes its socket from /run/containerd/s, then SIGKILL what remains."""
+    pids = [pid for pid, _cmd in processes(str(path)) if pid != os.getpid()]
+    for sig, wait in ((15, 3.0), (9, 0.0)):
+        for pid in pids:
             try:
-                os.kill(pid, 9)
+                os.kill(pid, sig)
             except OSError:
                 pass
+        deadline = time.monotonic() + wait
+        while wait and time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.05)
 
 
 def percentile(values: list[float], q: float) -> float:
