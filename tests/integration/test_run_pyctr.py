@@ -10,6 +10,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -276,3 +277,27 @@ def test_errors_are_one_line(env):
     assert "../escape" not in env.snapshot_keys()
     p = env.pyctr("tasks", "kill", "nosuch", check=False)
     assert p.returncode == 1 and "not found" in p.stderr
+
+
+def test_rootfs_and_unpack_on_demand(env, tmp_path):
+    # a plain directory as the root filesystem (no image, no snapshot)
+    root = tmp_path / "rootfs"
+    for d in ("bin", "proc", "dev", "sys", "tmp", "etc"):
+        (root / d).mkdir(parents=True)
+    shutil.copy("/usr/bin/busybox", root / "bin" / "busybox")
+    for applet in ("sh", "echo", "cat"):
+        os.symlink("busybox", root / "bin" / applet)
+    cid = uid("rfs")
+    # no image config, so no PATH either (as with ctr): the command needs its full path
+    p = env.pyctr("run", "--rm", "--runtime", env.runtime, "--fifo-dir", env.fifo_dir, "--rootfs", str(root), cid,
+                  "/bin/sh", "-c", "echo from-rootfs")
+    assert p.stdout == "from-rootfs\n"
+    assert cid not in env.container_ids()
+    # an image not yet unpacked for a snapshotter is unpacked first, as ctr does
+    cid = uid("nat")
+    p = env.pyctr("run", "--rm", "--runtime", env.runtime, "--fifo-dir", env.fifo_dir, "--snapshotter", "native",
+                  IMAGE, cid, "echo", "native")
+    assert p.stdout == "native\n"
+    assert any(line.split()[-1] == "Committed" for line in
+               env.ctr("snapshots", "--snapshotter", "native", "ls").stdout.splitlines()[1:])
+    assert cid not in env.snapshot_keys("native")
