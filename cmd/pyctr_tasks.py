@@ -172,7 +172,7 @@ async def cmd_exec(client: Client, args: argparse.Namespace) -> None:
             io = cio.log_uri(args.log_uri)
         else:
             io = cio.fifo_io(args.exec_id, **cio.stdio(), fifo_dir=args.fifo_dir)
-        process = await exec_process(client.tasks, cid, args.exec_id, oci._marshal(pspec, "Process"), io)
+        process = await exec_process(client.tasks, cid, args.exec_id, oci.marshal_process(pspec), io)
         waiter = None if args.detach else process.wait()
         try:
             if waiter is None:

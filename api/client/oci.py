@@ -961,8 +961,9 @@ def spec_bytes(spec: Mapping[str, Any]) -> bytes:
     return text.encode("utf-8")
 
 
-def process_bytes(process: Mapping[str, Any]) -> bytes:
-    return json.dumps(_marshal(dict(process), "Process"), separators=(",", ":"), ensure_ascii=False).encode()
+def marshal_process(process: Mapping[str, Any]) -> dict:
+    """A spec's `process` as Go would write it (for an exec's process spec)."""
+    return _marshal(dict(process), "Process")
 
 
 # -- mount flags ------------------------------------------------------------------------------
