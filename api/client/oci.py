@@ -734,7 +734,7 @@ def with_username(username: str) -> SpecOpt:
             try:
                 entry = user_from_path(root, lambda u: u.name == username)
             except FileNotFoundError:
-                raise errdefs.NotFound(f"open /etc/passwd: no such file or directory") from None
+                raise errdefs.NotFound("open /etc/passwd: no such file or directory") from None
             user["uid"], user["gid"] = entry.uid, entry.gid
         try:
             ctx.with_rootfs(s, set_user)
