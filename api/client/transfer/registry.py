@@ -303,8 +303,10 @@ class Registry:
 
     async def request(self, host: RegistryHost, method: str, url: str, *, scopes: list[str],
                       headers: Optional[dict[str, str]] = None, content: Any = None,
-                      stream: bool = False, retry_body: bool = True) -> httpx.Response:
-        """One request with containerd's retries; the caller closes a streamed response."""
+                      stream: bool = False) -> httpx.Response:
+        """One request with containerd's retries (401 once a challenge is learnt, 405 on a
+        manifest HEAD, 408/429); the caller closes a streamed response. `content` is bytes or a
+        callable giving a fresh async iterator for each try. A final 401 is AuthorizationFailed."""
         http = self.client(host)
         hdrs = {"User-Agent": USER_AGENT, **self.options.headers}
         for k, v in host.header.items():
@@ -332,7 +334,7 @@ class Registry:
                 break
             if resp.status_code == 401:
                 await _drain(resp)
-                if sent_401 >= 2 or (content is not None and not callable(content) and not retry_body):
+                if sent_401 >= 2:
                     break
                 try:
                     self.authorizer.add_response(auth_host, resp, repeated=sent_401 > 0)
