@@ -111,3 +111,49 @@ def test_cli_usage_errors(capsys):
     assert capsys.readouterr().err == "pyctr: flags --detach and --rm cannot be specified together\n"
     assert pyctr.main(["-a", "/nonexistent.sock", "tasks", "exec", "c1", "true"]) == 1
     assert 'Required flag "exec-id" not set' in capsys.readouterr().err
+
+
+def test_init_binary_sources(tmp_path, monkeypatch):
+    from pycontainerd.api.client import init as pyctr_init
+
+    fake = tmp_path / "myinit"
+    fake.write_bytes(b"#!/bin/true\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PYCTR_INIT", str(fake))
+    assert pyctr_init.binary_path() == str(fake)
+    monkeypatch.setenv("PYCTR_INIT", str(tmp_path / "missing"))
+    with pytest.raises(pyctr_init.InitUnavailable, match="not an executable"):
+        pyctr_init.binary_path()
+    monkeypatch.delenv("PYCTR_INIT")
+    monkeypatch.setattr(pyctr_init, "BUNDLED", tmp_path / "none")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(pyctr_init, "_compiler", lambda: None)
+    with pytest.raises(pyctr_init.InitUnavailable, match="no C compiler"):
+        pyctr_init.binary_path()
+
+
+def test_init_builds_a_static_binary(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    from pycontainerd.api.client import init as pyctr_init
+
+    if pyctr_init._compiler() is None:
+        pytest.skip("no C compiler")
+    out = pyctr_init.build(tmp_path / "pyctr-init")
+    assert "statically linked" in subprocess.run(["file", str(out)], capture_output=True, text=True).stdout \
+        or shutil.which("file") is None
+    # outside a container it still runs its child and passes the exit status on
+    assert subprocess.run([str(out), "--", "sh", "-c", "exit 5"]).returncode == 5
+    assert subprocess.run([str(out), "sh", "-c", "kill -TERM $$"]).returncode == 128 + 15
+    assert subprocess.run([str(out), "/nonexistent"], capture_output=True).returncode == 127
+    # signals sent to the init reach its child
+    import signal
+    import time
+
+    proc = subprocess.Popen([str(out), "--", "sh", "-c", 'trap "exit 3" TERM; echo up; while :; do sleep 0.05; done'],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "up\n"
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 3

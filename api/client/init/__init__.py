@@ -54,6 +54,9 @@ def _compiler() -> Optional[str]:
 
 def build(output: Path) -> Path:
     """Compile init.c into a static `output` (atomically: built aside, then renamed)."""
+    if not SOURCE.is_file():
+        raise InitUnavailable(f"--init needs pyctr-init and its source {SOURCE} is not installed "
+                              "(set PYCTR_INIT to a static init binary)")
     cc = _compiler()
     if cc is None:
         raise InitUnavailable(
@@ -85,7 +88,7 @@ def binary_path() -> str:
         return os.path.abspath(explicit)
     if BUNDLED.is_file() and os.access(BUNDLED, os.X_OK):
         return str(BUNDLED)
-    cached = _cache_dir() / f"pyctr-init-{_source_hash()}"
+    cached = _cache_dir() / f"pyctr-init-{_source_hash() if SOURCE.is_file() else 'missing'}"
     if cached.is_file() and os.access(cached, os.X_OK):
         return str(cached)
     return str(build(cached))
