@@ -540,6 +540,11 @@ def test_tls_registry_with_hosts_ca(server, image_tar, tmp_path):
         (d / "hosts.toml").write_text(f'server = "https://{reg.host}"\n')
         line = one_error(pyctr(server, "images", "pull", "--hosts-dir", str(hosts), ref, ns=unique("tls3"), ok=False))
         assert "certificate" in line.lower() or "ssl" in line.lower(), line
+        # ...unless the host says skip_verify
+        (d / "hosts.toml").write_text(f'server = "https://{reg.host}"\nskip_verify = true\n')
+        ns4 = unique("tls4")
+        pyctr(server, "images", "pull", "--no-unpack", "--hosts-dir", str(hosts), ref, ns=ns4)
+        assert images(server, ns4) == {ref: digest}
     finally:
         reg.stop()
 
