@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e ".[test]"
+	$(VENV)/bin/python -P -m pycontainerd.api.client.init
 	touch $@
 
 setup: $(VENV)/.installed
