@@ -293,7 +293,7 @@ def _snapshotter_flag(p: argparse.ArgumentParser) -> None:
                    help="snapshotter name. Empty value stands for the default value. [$CONTAINERD_SNAPSHOTTER]")
 
 
-def _images_subparsers(sub, group, command) -> Any:
+def _images_subparsers(sub, group) -> Any:
     """The images group's subparsers, made here unless another module already did."""
     parser = sub.choices.get("images")
     if parser is not None:
@@ -306,7 +306,7 @@ def _images_subparsers(sub, group, command) -> Any:
 def register(sub) -> None:
     from .pyctr import _command, _group
 
-    images = _images_subparsers(sub, _group, _command)
+    images = _images_subparsers(sub, _group)
 
     def add(name: str, func, help: str, aliases: tuple = ()) -> argparse.ArgumentParser:
         if name in images.choices:
