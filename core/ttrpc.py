@@ -807,7 +807,7 @@ def _metadata_pairs(metadata: Metadata | None, namespace: str | None) -> list[tu
 class TtrpcClient:
     """A ttrpc client on one unix-socket connection; calls are multiplexed by stream id.
 
-        client = await TtrpcClient.connect("/run/containerd/s/abc", timeout=5)
+        client = await TtrpcClient.connect("/run/pycontainerd/s/abc", timeout=5)
         resp = await client.call("containerd.task.v2.Task", "Connect", ConnectRequest(id="x"), ConnectResponse)
         task = client.stub(TaskStub, namespace="default")
         await task.connect(ConnectRequest(id="x"))

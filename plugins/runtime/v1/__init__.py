@@ -8,7 +8,8 @@ Config (`[plugins."io.containerd.runtime.v1.linux"]`), containerd's keys:
                 Ours by default, "containerd-shim-pyrunc-v1"; "containerd-shim" runs containerd's Go shim.
                 (containerd's own default is "containerd-shim".)
   runtime       the OCI runtime the shim runs, "runc" (a container's RuncOptions.runtime wins)
-  runtime_root  where that runtime keeps its state ("" = the shim's default, /run/containerd/runc)
+  runtime_root  where that runtime keeps its state ("" = the shim's default: /run/pycontainerd/runc for
+                ours, /run/containerd/runc for containerd's Go containerd-shim)
   no_shim       run the shim inside the daemon: not supported here, the plugin fails to load
   shim_debug    start shims with -debug and copy their output to the daemon's stdout/stderr
 """

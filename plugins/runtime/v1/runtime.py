@@ -16,7 +16,10 @@ daemon (containerd's runtime/v1/linux/runtime.go).
 
 The runc binary and root for cleanups come from the container's runtime options
 (containerd.linux.runc.RuncOptions; containerd.runc.v1.Options is accepted too), else from the
-plugin's `runtime` and `runtime_root`, else runc and /run/containerd/runc.
+plugin's `runtime` and `runtime_root`, else runc and the default root of the shim that ran the
+task: ours (containerd-shim-pyrunc-v1) uses /run/pycontainerd/runc (launch.RUNC_ROOT), containerd's
+Go containerd-shim (or any other) its own /run/containerd/runc. Shim sockets are created here,
+under our /run/pycontainerd/s (launch.SOCKET_ROOT), for either shim.
 """
 from __future__ import annotations
 
@@ -39,17 +42,19 @@ from pycontainerd.api.gen.containerd.runc import v1 as runcopts
 from pycontainerd.api.gen.containerd.runtime.linux.shim import v1 as shimapi
 from pycontainerd.core import errdefs, identifiers
 from pycontainerd.core import mount as mountlib
-from pycontainerd.plugins.runtime.v2.runc import cgroups
+from pycontainerd.plugins.runtime.v2.runc import cgroups, launch
 
 from .. import CreateOpts, Exit
 from .bundle import INIT_PID_FILE, SHIM_PID_FILE, Bundle, load_bundle, new_bundle
+from .shim.main import NAME as PY_SHIM_NAME
 from .shim_client import Shim, alive, connect_shim, start_shim
 from .task import LinuxTask
 
 log = structlog.get_logger(__name__)
 
 PLUGIN_ID = "io.containerd.runtime.v1.linux"
-DEFAULT_RUNC_ROOT = "/run/containerd/runc"
+DEFAULT_RUNC_ROOT = launch.RUNC_ROOT  # our shim's default runc root
+GO_SHIM_RUNC_ROOT = "/run/containerd/runc"  # containerd's Go containerd-shim's own default (not ours)
 SIGKILL_STATUS = 128 + signal.SIGKILL
 TASK_CREATE = "/tasks/create"
 TASK_EXIT = "/tasks/exit"
@@ -143,6 +148,11 @@ class LinuxRuntime:
 
     def id(self) -> str:
         return PLUGIN_ID
+
+    def default_runc_root(self) -> str:
+        """Where the configured shim keeps runc state when no root is given: ours under
+        /run/pycontainerd/runc, containerd's Go shim (or any other) under /run/containerd/runc."""
+        return DEFAULT_RUNC_ROOT if os.path.basename(self.config.shim or "") == PY_SHIM_NAME else GO_SHIM_RUNC_ROOT
 
     # ------------------------------------------------------------------------ the task list
 
@@ -294,7 +304,8 @@ class LinuxRuntime:
     async def _terminate(self, bundle: Bundle, ropts: RuncOptions) -> None:
         """`runc delete --force` the task's container and unmount its rootfs."""
         cmd = ropts.runtime or self.config.runtime or "runc"
-        root = os.path.join(ropts.runtime_root or self.config.runtime_root or DEFAULT_RUNC_ROOT, bundle.namespace)
+        root = os.path.join(ropts.runtime_root or self.config.runtime_root or self.default_runc_root(),
+                            bundle.namespace)
         argv = [cmd, "--root", root, "--log-format", "json"]
         if ropts.systemd_cgroup:
             argv.append("--systemd-cgroup")

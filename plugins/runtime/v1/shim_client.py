@@ -2,8 +2,10 @@
 runtime/v1/shim/client).
 
 Start, as containerd does for `containerd-shim`:
-  * the socket `unix:///run/containerd/s/<sha256(<grpc address>/<namespace>/<id>)>` is created
-    here (mode 0600; a stale one is replaced) and handed to the shim as fd 3;
+  * the socket `unix:///run/pycontainerd/s/<sha256(<grpc address>/<namespace>/<id>)>` (containerd's
+    name, under our launch.SOCKET_ROOT rather than containerd's /run/containerd/s; the directory
+    created 0711 when missing) is created here (mode 0600; a stale one is replaced) and handed to
+    the shim as fd 3, for our shim and the Go one alike;
   * the shim runs from the bundle directory with `-namespace NS -workdir WORK -address GRPC
     -containerd-binary BIN [-criu PATH] [-runtime-root DIR] [-systemd-cgroup] [-debug]`, the
     environment plus GOMAXPROCS=2 (and TTRPC_ADDRESS, which our Python shim uses to forward

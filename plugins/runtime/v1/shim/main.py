@@ -12,13 +12,17 @@ to the Go shim as its -containerd-binary. containerd 1.6 spells
 the criu flag `-criu-path`, which its own Go shim does not define; we accept both.
 Flags are Go's: `-name value`, `-name=value`, `--name`, booleans without a value; parsing stops at
 the first argument that is not a flag.
+-runtime-root defaults to our /run/pycontainerd/runc (the v2 shim's launch.RUNC_ROOT), where the
+Go shim's default is containerd's /run/containerd/runc.
 """
 from __future__ import annotations
 
 import sys
 
+from . import runc
+
 NAME = "containerd-shim-pyrunc-v1"
-DEFAULT_RUNTIME_ROOT = "/run/containerd/runc"
+DEFAULT_RUNTIME_ROOT = runc("launch").RUNC_ROOT  # ours, /run/pycontainerd/runc (the Go shim's is /run/containerd/runc)
 
 
 class FlagError(Exception):

@@ -9,7 +9,9 @@ imports only the standard library (no betterproto, no asyncio) and keeps its wor
 syscalls: its import time is container start latency.
 
 What `start` does, as containerd's runc shim manager does (runtime/v2/runc/manager, shim/util*):
-  * the socket address is `unix:///run/containerd/s/<sha256(join(ADDR, NS, GROUP))>`, where GROUP
+  * the socket address is `unix:///run/pycontainerd/s/<sha256(join(ADDR, NS, GROUP))>` (containerd's
+    hashing, under our own directory instead of containerd's /run/containerd/s; the directory is
+    created 0711 when missing), where GROUP
     is the task id or, when the bundle's config.json carries the annotation
     `io.containerd.runc.v2.group` (or `io.containerd.pyrunc.v2.group`) or
     `io.kubernetes.cri.sandbox-id`, that value; a socket that is in use and answers means a shim
@@ -49,9 +51,13 @@ except ImportError:  # pragma: no cover
 
 NAME = "io.containerd.pyrunc.v2"
 VERSION = "0.1.0"
-SOCKET_ROOT = "/run/containerd/s"
+# Our shims' own places (never containerd's /run/containerd/{s,runc}, which its Go shims use):
+# SOCKET_ROOT holds the shims' sockets (v2 shims create them, the v1 runtime creates the v1 ones),
+# RUNC_ROOT is the default runc --root of both Python shims (runc Options.root / -runtime-root win).
+SOCKET_ROOT = "/run/pycontainerd/s"
+SOCKET_DIR_MODE = 0o711
 SOCKET_PATH_LIMIT = 106
-RUNC_ROOT = "/run/containerd/runc"
+RUNC_ROOT = "/run/pycontainerd/runc"
 INIT_PID_FILE = "init.pid"
 GROUP_LABELS = ("io.containerd.runc.v2.group", "io.containerd.pyrunc.v2.group", "io.kubernetes.cri.sandbox-id")
 DEFAULT_ZYGOTE_DIR = "/run/pycontainerd/pyrunc"
@@ -211,7 +217,7 @@ def _clean(path: str) -> str:
 
 
 def socket_address(containerd_address: str, namespace: str, group: str) -> str:
-    """containerd's shim.SocketAddress: unix:///run/containerd/s/<sha256 of ADDR/NS/ID>."""
+    """containerd's shim.SocketAddress, under our SOCKET_ROOT: unix://SOCKET_ROOT/<sha256 of ADDR/NS/ID>."""
     digest = sha256(_clean(os.path.join(containerd_address, namespace, group)).encode()).hexdigest()
     return f"unix://{SOCKET_ROOT}/{digest}"
 
@@ -237,12 +243,28 @@ def group_id(task_id: str, annotations: dict) -> str:
     return task_id
 
 
+def make_dirs(path: str, mode: int = SOCKET_DIR_MODE) -> None:
+    """Create `path` and its missing parents with exactly `mode` (umask aside); existing ones are
+    left as they are."""
+    if not path or os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        make_dirs(parent, mode)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return
+    os.chmod(path, mode)
+
+
 def new_socket(address: str):
-    """Listen on the address (mode 0600), as shim.NewSocket; EADDRINUSE passes through."""
+    """Listen on the address (mode 0600), as shim.NewSocket; EADDRINUSE passes through. A missing
+    socket directory is created 0711."""
     path = socket_path(address)
     abstract = path.startswith("\0")
     if not abstract:
-        os.makedirs(os.path.dirname(path), 0o600, exist_ok=True)
+        make_dirs(os.path.dirname(path))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)

@@ -14,9 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .launch import RUNC_ROOT
 from .reaper import Reaper
-
-RUNC_ROOT = "/run/containerd/runc"
 
 
 class RuncError(Exception):
