@@ -73,10 +73,12 @@ def test_flags_parse_like_go():
 
 
 def test_socket_address_is_containerds():
-    # shim.SocketAddress: sha256 of filepath.Join(address, namespace, id) under /run/containerd/s
+    # shim.SocketAddress: sha256 of filepath.Join(address, namespace, id), under our /run/pycontainerd/s
+    # (never containerd's /run/containerd/s, which its Go shims use)
     want = hashlib.sha256(b"/run/containerd/containerd.sock/default/abc").hexdigest()
     assert launch.socket_address("/run/containerd/containerd.sock", "default", "abc") == \
-        f"unix:///run/containerd/s/{want}"
+        f"unix:///run/pycontainerd/s/{want}"
+    assert launch.SOCKET_ROOT == "/run/pycontainerd/s" and launch.RUNC_ROOT == "/run/pycontainerd/runc"
     # Join cleans the path
     assert launch.socket_address("/run//x/../containerd.sock/", "default", "abc") == \
         launch.socket_address("/run/containerd.sock", "default", "abc")
@@ -397,6 +399,11 @@ async def test_lifecycle_events_output_and_no_leaks(zygote):
         shim = await start_shim(world, args=["sh", "-c", "echo out-line; echo err-line >&2; exit 3"])
         connected = await shim.task.connect(ConnectRequest(id=shim.task_id))
         assert connected.shim_pid == shim.pid and connected.task_pid == 0
+        # its socket is in our dir, named as containerd names it, and nothing is in containerd's
+        name = os.path.basename(launch.socket_path(shim.address))
+        assert shim.address == f"unix:///run/pycontainerd/s/{name}"
+        assert not os.path.exists(f"/run/containerd/s/{name}")
+        assert os.stat("/run/pycontainerd/s").st_mode & 0o777 == 0o711
         # the server looks like a Go shim to ps
         with open(f"/proc/{shim.pid}/cmdline", "rb") as f:
             argv = [a for a in f.read().split(b"\0") if a]

@@ -25,7 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_tasks_support import (  # noqa: E402
-    RUNC_ROOT, TaskEnv, _alive, _cmdline, requirements,
+    GO_RUNC_ROOT, PY_RUNC_ROOT, PY_SHIM_SOCKETS, TaskEnv, _alive, _cmdline, requirements,
 )
 
 from daemons import Daemon, short_tmpdir  # noqa: E402
@@ -54,7 +54,11 @@ class V1Env(TaskEnv):
     """TaskEnv for v1 tasks: v1 bundle and work dirs, v1 shims, runs with the v1 runtime."""
 
     def __init__(self, shim: str):
-        super().__init__(Daemon("pycontainerd", config=_config(shim)))
+        # our daemon creates every v1 shim's socket (under our dir); runc state is the shim's own
+        # default: ours under /run/pycontainerd/runc, containerd-shim's under /run/containerd/runc
+        super().__init__(Daemon("pycontainerd", config=_config(shim)),
+                         runc_root=PY_RUNC_ROOT if shim == "python" else GO_RUNC_ROOT,
+                         shim_sockets=PY_SHIM_SOCKETS)
         self.shim = shim
 
     @property
@@ -107,7 +111,7 @@ class V1Env(TaskEnv):
     def runc_containers(self) -> list[tuple[str, str]]:
         found = []
         for ns in self.known_namespaces():
-            root = RUNC_ROOT / ns
+            root = self.runc_root / ns
             if root.is_dir():
                 found += [(ns, d.name) for d in root.iterdir() if d.is_dir()]
         return found
@@ -181,7 +185,7 @@ def test_task_lifecycle(env):
     assert status == "RUNNING" and pid > 0
     assert len(env.shim_pids("life")) == 1
     bundle = env.bundle_root / env.ns / "life"
-    assert (bundle / "address").read_text().startswith("unix:///run/containerd/s/")
+    assert (bundle / "address").read_text().startswith(f"unix://{PY_SHIM_SOCKETS}/")  # for both shims
     assert int((bundle / "shim.pid").read_text()) == env.shim_pids("life")[0]
     assert (env.work_root / env.ns / "life").is_dir()
     assert env.ctr("tasks", "exec", "--exec-id", "e1", "life", "/bin/echo", "in-exec").stdout == "in-exec\n"
@@ -313,7 +317,8 @@ def test_containerd_drives_our_v1_shim():
     from daemons import containerd_config
 
     config = containerd_config(tmp, str(tmp / "d.sock")) + f'[plugins."{RUNTIME_V1}"]\n  shim = "{shim}"\n'
-    env = TaskEnv(Daemon("containerd", config=config, tmp=tmp))
+    # containerd makes the socket (its /run/containerd/s); our shim keeps runc state under ours
+    env = TaskEnv(Daemon("containerd", config=config, tmp=tmp), runc_root=PY_RUNC_ROOT)
     env.run = V1Env.run.__get__(env)  # type: ignore[method-assign]
     try:
         env.daemon.start()

@@ -36,7 +36,7 @@ def test_flags_as_go_parses_them():
     f = shim_main.parse_flags(["-namespace", "ns", "-workdir=/w", "--address", "/a.sock", "-containerd-binary",
                                "/bin/x", "-criu-path", "/c", "-systemd-cgroup", "-debug"])
     assert (f.namespace, f.workdir, f.address, f.containerd_binary, f.criu) == ("ns", "/w", "/a.sock", "/bin/x", "/c")
-    assert f.systemd_cgroup and f.debug and f.runtime_root == "/run/containerd/runc" and f.args == []
+    assert f.systemd_cgroup and f.debug and f.runtime_root == "/run/pycontainerd/runc" and f.args == []
     f = shim_main.parse_flags(["--address", "/a", "publish", "--topic", "/t"])
     assert f.args == ["publish", "--topic", "/t"]
     with pytest.raises(shim_main.FlagError, match="not defined: -bogus"):
@@ -75,6 +75,18 @@ def test_container_runtime_options():
         v1runtime.runc_options(ProtoAny(type_url="other.Thing", value=b""))
     assert v1runtime.shim_cgroup(ProtoAny(type_url="containerd.linux.runc.CreateOptions",
                                           value=bytes(CreateOptions(shim_cgroup="/x")))) == "/x"
+
+
+def test_default_runc_root_is_the_shims_own():
+    """Ours keeps runc state under /run/pycontainerd/runc, containerd's Go shim under its own dir."""
+    from types import SimpleNamespace
+
+    def root(shim: str) -> str:
+        return v1runtime.LinuxRuntime.default_runc_root(SimpleNamespace(config=SimpleNamespace(shim=shim)))
+
+    assert root("containerd-shim-pyrunc-v1") == root("/venv/bin/containerd-shim-pyrunc-v1") == "/run/pycontainerd/runc"
+    assert root("containerd-shim") == root("/usr/bin/containerd-shim") == "/run/containerd/runc"
+    assert v1runtime.DEFAULT_RUNC_ROOT == shim_main.DEFAULT_RUNTIME_ROOT == "/run/pycontainerd/runc"
 
 
 def test_resolve_shim():

@@ -24,14 +24,19 @@ from pathlib import Path
 import pytest
 
 from daemons import Daemon, kill_processes_under, unmount_under
+from pycontainerd.plugins.runtime.v2.runc import launch
 
 CTR = shutil.which("ctr")
 SHIM = shutil.which("containerd-shim-runc-v2")
 RUNC = shutil.which("runc")
 BUSYBOX = shutil.which("busybox") or "/usr/bin/busybox"
 RUNTIME = "io.containerd.runc.v2"
-RUNC_ROOT = Path("/run/containerd/runc")
-SHIM_SOCKETS = Path("/run/containerd/s")
+# containerd's Go shims keep runc state and (v2) sockets under containerd's dirs; our Python shims
+# (and the sockets our v1 runtime creates) under ours. A TaskEnv checks the pair of its shim.
+GO_RUNC_ROOT = Path("/run/containerd/runc")
+GO_SHIM_SOCKETS = Path("/run/containerd/s")
+PY_RUNC_ROOT = Path(launch.RUNC_ROOT)
+PY_SHIM_SOCKETS = Path(launch.SOCKET_ROOT)
 V2 = "io.containerd.runtime.v2.task"
 
 requirements = [
@@ -58,9 +63,10 @@ def make_rootfs(path: Path) -> Path:
     return path
 
 
-def shim_socket(address: str, namespace: str, id: str) -> Path:
-    """Where containerd-shim-runc-v2 listens for task `id` (runtime/v2/shim SocketAddress)."""
-    return SHIM_SOCKETS / hashlib.sha256(f"{address}/{namespace}/{id}".encode()).hexdigest()
+def shim_socket(address: str, namespace: str, id: str, root: Path = GO_SHIM_SOCKETS) -> Path:
+    """Where a shim listens for task `id` (runtime/v2/shim SocketAddress): containerd-shim-runc-v2
+    under /run/containerd/s, ours (root=PY_SHIM_SOCKETS) under /run/pycontainerd/s."""
+    return root / hashlib.sha256(f"{address}/{namespace}/{id}".encode()).hexdigest()
 
 
 def _cmdline(pid: int) -> list[bytes]:
@@ -155,10 +161,15 @@ class Events:
 
 
 class TaskEnv:
-    """A real pycontainerd with everything a task test needs, and a cleanup that never leaks."""
+    """A real pycontainerd with everything a task test needs, and a cleanup that never leaks.
+    `runc_root` and `shim_sockets` are where its shims keep runc state and sockets: the Go shim's
+    by default, PY_RUNC_ROOT / PY_SHIM_SOCKETS for environments that run our Python shims."""
 
-    def __init__(self, daemon: Daemon | None = None):
+    def __init__(self, daemon: Daemon | None = None, *, runc_root: Path = GO_RUNC_ROOT,
+                 shim_sockets: Path = GO_SHIM_SOCKETS):
         self.daemon = daemon or Daemon("pycontainerd")
+        self.runc_root = runc_root
+        self.shim_sockets = shim_sockets
         self.ns = f"tt{uuid.uuid4().hex[:10]}"
         self.namespaces = {self.ns}
         self.rootfs = make_rootfs(self.daemon.tmp / "rootfs")
@@ -260,13 +271,13 @@ class TaskEnv:
     def runc_containers(self) -> list[tuple[str, str]]:
         found = []
         for ns in self.namespaces:
-            root = RUNC_ROOT / ns
+            root = self.runc_root / ns
             if root.is_dir():
                 found += [(ns, d.name) for d in root.iterdir() if d.is_dir()]
         return found
 
     def sockets(self, ids: list[tuple[str, str]]) -> list[Path]:
-        return [s for ns, id in ids if (s := shim_socket(self.address, ns, id)).exists()]
+        return [s for ns, id in ids if (s := shim_socket(self.address, ns, id, self.shim_sockets)).exists()]
 
     def assert_no_leaks(self, ids: list[tuple[str, str]] = (), timeout: float = 60) -> None:
         """No shim, bundle, work dir, mount under the daemon's dirs, runc container or shim
@@ -289,7 +300,7 @@ class TaskEnv:
         ids = {(b.parent.name, b.name) for b in self.bundles()} | set(self.runc_containers())
         self.daemon.stop()
         for ns, id in sorted(ids):
-            subprocess.run([RUNC or "runc", "--root", str(RUNC_ROOT / ns), "delete", "--force", id],
+            subprocess.run([RUNC or "runc", "--root", str(self.runc_root / ns), "delete", "--force", id],
                            capture_output=True, timeout=30)
         for pid in self.shim_pids():
             with contextlib.suppress(ProcessLookupError):
@@ -298,10 +309,10 @@ class TaskEnv:
         unmount_under(self.daemon.tmp)
         for ns, id in ids:
             with contextlib.suppress(OSError):
-                shim_socket(self.address, ns, id).unlink()
+                shim_socket(self.address, ns, id, self.shim_sockets).unlink()
         for ns in self.namespaces:
             with contextlib.suppress(OSError):
-                (RUNC_ROOT / ns).rmdir()
+                (self.runc_root / ns).rmdir()
         self.daemon.cleanup()
 
 
