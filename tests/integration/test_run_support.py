@@ -5,11 +5,13 @@ snapshots removed, then runc state, shims, container processes (by cgroup), moun
 the daemon's dirs.
 
 Every environment works in namespaces of its own (cgroups /<ns>/<id>, runc state
-/run/containerd/runc/<ns>), so nothing of other tests or other daemons is touched.
+<runc root>/<ns> under the Go shim's /run/containerd/runc or our shims' /run/pycontainerd/runc),
+so nothing of other tests or other daemons is touched.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -25,6 +27,7 @@ from typing import Optional
 import pytest
 
 from daemons import Daemon, kill_processes_under, unmount_under
+from pycontainerd.plugins.runtime.v2.runc import launch
 
 CTR = shutil.which("ctr")
 RUNC = shutil.which("runc")
@@ -32,7 +35,8 @@ VENV_BIN = Path(sys.executable).parent
 PYCTR = str(VENV_BIN / "pyctr")
 MAKE_IMAGE = Path(__file__).resolve().parents[2].parent / "shared" / "conformance" / "make-busybox-image.py"
 CONFORMANCE = MAKE_IMAGE.with_name("ctr-conformance.py")
-RUNC_ROOT = Path("/run/containerd/runc")
+RUNC_ROOTS = (Path("/run/containerd/runc"), Path(launch.RUNC_ROOT))
+"""Where the Go shim and our shims keep runc state."""
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 GO_SHIM = "io.containerd.runc.v2"
 PY_SHIM = "io.containerd.pyrunc.v2"
@@ -195,8 +199,8 @@ class RunEnv:
             if self.daemon.proc is not None and self.daemon.proc.poll() is None:
                 self._api_cleanup()
         self.daemon.stop()
-        for ns in self.namespaces:
-            root = RUNC_ROOT / ns
+        for ns, runc_root in itertools.product(self.namespaces, RUNC_ROOTS):
+            root = runc_root / ns
             if root.is_dir():
                 for state in root.iterdir():
                     subprocess.run([RUNC or "runc", "--root", str(root), "delete", "--force", state.name],
