@@ -17,7 +17,6 @@ from typing import Any, Iterable
 import hyperframe.frame
 import structlog
 from grpclib.const import Cardinality, Handler, Status
-from grpclib.events import RecvRequest, listen
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
@@ -54,9 +53,16 @@ class _Mapping(dict):
         return _unimplemented(key) if found is None else found
 
 
-def _wrap(method_func: Any, metadata: Any) -> Any:
+def _wrap(handler: Handler) -> Handler:
+    """`handler` with the request's namespace and lease bound and errdefs errors as statuses.
+
+    Done once per method when the server is made, not per call through a RecvRequest listener:
+    grpclib builds and dispatches an event object for every request when a listener exists.
+    """
+    method_func = handler.func
+
     async def handle(stream: Any) -> None:
-        tokens = bind_request(metadata)
+        tokens = bind_request(stream.metadata)
         try:
             await method_func(stream)
         except errdefs.ContainerdError as e:
@@ -64,11 +70,7 @@ def _wrap(method_func: Any, metadata: Any) -> Any:
             raise GRPCError(code, message) from e
         finally:
             unbind_request(tokens)
-    return handle
-
-
-async def _on_request(event: RecvRequest) -> None:
-    event.method_func = _wrap(event.method_func, event.metadata)
+    return Handler(handle, handler.cardinality, handler.request_type, handler.reply_type)
 
 
 def prepare_socket_path(path: str) -> None:
@@ -88,8 +90,7 @@ def secure_socket(path: str, uid: int, gid: int, mode: int = 0o660) -> None:
 
 def _make_server(services: list[Any]) -> Server:
     server = Server(services)
-    server._mapping = _Mapping(server._mapping)
-    listen(server, RecvRequest, _on_request)
+    server._mapping = _Mapping({path: _wrap(h) for path, h in server._mapping.items()})
     return server
 
 
