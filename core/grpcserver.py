@@ -18,6 +18,7 @@ import hyperframe.frame
 import structlog
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server
 
 from . import errdefs
@@ -88,8 +89,83 @@ def secure_socket(path: str, uid: int, gid: int, mode: int = 0o660) -> None:
         os.chown(path, uid, gid)
 
 
+class _CoalescingTransport:
+    """A transport that sends what was written during one pass of the event loop as one write.
+
+    grpclib writes each frame group as soon as h2 produces it: a unary call's response headers,
+    message and trailers are three send() calls, and 32 calls answered in one pass are ~100.
+    Here they are joined and sent once, at the end of the pass (call_soon), or as soon as
+    `limit` bytes are waiting, so bulk streams reach the socket (and its flow control) without
+    delay. Order is kept; close() sends what is waiting first.
+    """
+
+    limit = 64 * 1024
+
+    def __init__(self, transport: asyncio.Transport):
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._pending: list[bytes] = []
+        self._size = 0
+        self._scheduled = False
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self._pending.append(data)
+        self._size += len(data)
+        if self._size >= self.limit:
+            self.flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
+        self._size = 0
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending.clear()
+        self._size = 0
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _H2Protocol(H2Protocol):
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(_CoalescingTransport(transport))
+
+
+class _Server(Server):
+    """grpclib's Server whose connections write through a _CoalescingTransport."""
+
+    def _protocol_factory(self) -> H2Protocol:
+        made = super()._protocol_factory()
+        return _H2Protocol(made.handler, made.config, made.h2_config)
+
+
 def _make_server(services: list[Any]) -> Server:
-    server = Server(services)
+    server = _Server(services)
     server._mapping = _Mapping({path: _wrap(h) for path, h in server._mapping.items()})
     return server
 

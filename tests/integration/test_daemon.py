@@ -209,3 +209,45 @@ def test_ctr_conformance(daemon, scenario):
     p = subprocess.run([sys.executable, str(CONFORMANCE), "--address", daemon.address, "-k", scenario],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "PASS " + scenario in p.stdout, p.stdout + p.stderr
+
+
+async def test_concurrent_calls_on_one_connection_are_answered_in_order(daemon):
+    """Many calls in flight on one HTTP/2 connection (answers are batched into few writes),
+    errors among them keep their codes, and a reply larger than the write batch and the flow
+    control window arrives whole."""
+    import asyncio
+
+    import grpc
+
+    from pycontainerd.api.gen.containerd.services.namespaces import v1 as nsapi
+    from pycontainerd.api.gen.containerd.services.version import v1 as verapi
+
+    svc = "/containerd.services.namespaces.v1.Namespaces/"
+    md = (("containerd-namespace", "default"),)
+    big = "x" * 4000
+    async with grpc.aio.insecure_channel(f"unix://{daemon.address}") as channel:
+        def call(path):
+            return channel.unary_unary(path, request_serializer=bytes, response_deserializer=None)
+
+        version = call("/containerd.services.version.v1.Version/Version")
+        create, get, listing = call(svc + "Create"), call(svc + "Get"), call(svc + "List")
+        await asyncio.gather(*[create(nsapi.CreateNamespaceRequest(namespace=nsapi.Namespace(
+            name=f"big{i}", labels={"l": big})), metadata=md, timeout=30) for i in range(40)])
+
+        async def missing(i):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await get(nsapi.GetNamespaceRequest(name=f"missing{i}"), metadata=md, timeout=30)
+            return err.value.code()
+
+        answers = await asyncio.gather(
+            *[version(b"", timeout=30) for _ in range(64)],
+            *[missing(i) for i in range(16)],
+            *[listing(b"", metadata=md, timeout=30) for _ in range(8)])
+    versions, codes, lists = answers[:64], answers[64:80], answers[80:]
+    assert {verapi.VersionResponse().parse(v).version for v in versions} != {""}
+    assert len(set(versions)) == 1
+    assert codes == [grpc.StatusCode.NOT_FOUND] * 16
+    for raw in lists:
+        assert len(raw) > 160_000
+        names = [n.name for n in nsapi.ListNamespacesResponse().parse(raw).namespaces]
+        assert {f"big{i}" for i in range(40)} <= set(names)
