@@ -662,8 +662,9 @@ class Writer:
 
     Big writes are pipelined: a write hands its bytes to the writer's own worker thread, which
     hashes them, reports back (so `offset` and `digest()` are exact when `write()` returns), and
-    then writes them to the file while the caller already receives the next chunk. Every write
-    lands at its own offset (pwrite), never at a shared file position. A failed file write is
+    then writes them to the file while the caller already receives the next chunk (a mutable
+    buffer is copied first, so the caller may reuse it). Every write lands at its own offset
+    (pwrite), never at a shared file position. A failed file write is
     raised by the next write, truncate, commit or close: close() waits for the queued write and
     raises Unknown when the file does not hold every byte `write()` accepted."""
 
@@ -749,6 +750,8 @@ class Writer:
             self.offset += n
             self.updated_at = _now()
             return n
+        if not isinstance(data, bytes):  # the caller may reuse its buffer once write() returns
+            data = bytes(data)
         loop = asyncio.get_running_loop()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="ingest")

@@ -370,3 +370,15 @@ async def test_close_never_closes_a_file_descriptor_it_lost(store):
         os.close(other)
     w = await store.writer("stolen")  # the ref was released all the same
     await w.close()
+
+
+async def test_a_reused_buffer_does_not_change_what_was_written(store):
+    """write() returns before a pipelined write reaches the file: the caller may refill its
+    buffer at once, and the blob still holds (and is named by) what was written."""
+    buf = bytearray(os.urandom(INLINE_LIMIT * 4))
+    first = bytes(buf)
+    w = await store.writer("reuse")
+    await w.write(memoryview(buf))
+    buf[:] = b"\0" * len(buf)  # refilled while the file write may still be queued
+    assert await w.commit(len(first), sha256(first)) == sha256(first)
+    assert await store.read(sha256(first)) == first
