@@ -9,8 +9,12 @@ from pycontainerd.core.version import REVISION, VERSION
 
 
 class VersionService(api.VersionBase):
+    def __init__(self) -> None:
+        # The answer never changes: built once, not per call (only ever serialised).
+        self._response = api.VersionResponse(version=VERSION, revision=REVISION)
+
     async def version(self, request: Empty) -> api.VersionResponse:
-        return api.VersionResponse(version=VERSION, revision=REVISION)
+        return self._response
 
 
 async def init(ctx: InitContext) -> VersionService:
