@@ -1,7 +1,7 @@
 """Namespaces in the metadata database: create, get, list, label updates, delete-when-empty."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from pycontainerd.core import errdefs, identifiers
@@ -25,6 +25,16 @@ def _row(row) -> Namespace:
 class NamespaceStore:
     def __init__(self, db: MetadataDB):
         self.db = db
+        # list() keeps what it read until the next committed write to the database (any store's:
+        # writing into a namespace creates it), so a busy Namespaces.List does not query and parse
+        # the same rows on every call.
+        self._listed: list[Namespace] | None = None
+        self._writes = 0
+        db.register_mutation_callback(self._forget_listed)
+
+    def _forget_listed(self, _dirty: bool) -> None:
+        self._writes += 1
+        self._listed = None
 
     def create(self, name: str, labels: dict[str, str] | None = None) -> Namespace:
         identifiers.validate(name)
@@ -45,7 +55,13 @@ class NamespaceStore:
         return _row(rows[0])
 
     def list(self) -> list[Namespace]:
-        return [_row(r) for r in self.db.read("SELECT * FROM namespaces ORDER BY name")]
+        listed = self._listed
+        if listed is None:
+            writes = self._writes
+            listed = [_row(r) for r in self.db.read("SELECT * FROM namespaces ORDER BY name")]
+            if writes == self._writes:  # no write (from another thread) committed meanwhile
+                self._listed = listed
+        return [replace(ns, labels=dict(ns.labels)) for ns in listed]
 
     def update(self, name: str, labels: dict[str, str], paths: list[str]) -> Namespace:
         """Replace the labels, or only the `labels.KEY` paths given (an absent or empty value deletes)."""

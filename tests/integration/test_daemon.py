@@ -182,6 +182,26 @@ def test_namespace_errors_have_containerd_codes(daemon):
     assert "dup" not in ctr(daemon, "namespaces", "ls", "-q").stdout
 
 
+
+def test_namespace_list_follows_every_write(daemon):
+    """Namespaces.List answers from what it last read until a write: creates, label updates,
+    removals and a namespace created implicitly by another store's write all show at once."""
+    def listed():
+        return {line.split()[0]: line.split()[1:] for line in
+                ctr(daemon, "namespaces", "ls").stdout.splitlines()[1:]}
+
+    before = listed()
+    ctr(daemon, "namespaces", "create", "cached", "a=1")
+    assert listed()["cached"] == ["a=1"]
+    ctr(daemon, "namespaces", "label", "cached", "a=2")
+    assert listed()["cached"] == ["a=2"]
+    ctr(daemon, "leases", "create", "--id", "l1", ns="implicit")
+    assert "implicit" in listed() and "implicit" not in before
+    ctr(daemon, "leases", "rm", "l1", ns="implicit")
+    ctr(daemon, "namespaces", "remove", "implicit")
+    ctr(daemon, "namespaces", "remove", "cached")
+    assert "cached" not in listed() and "implicit" not in listed()
+
 def test_events_reach_ctr_subscribers(daemon):
     sub = EventWatcher([CTR, "-a", daemon.address, "events"])
 
