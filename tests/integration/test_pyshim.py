@@ -210,8 +210,14 @@ class Shim:
 
     @property
     def pid(self) -> int:
-        pids = [p for p in _processes_mentioning(f"-id\0{self.task_id}\0") if p]
-        return pids[0] if pids else 0
+        """The serving shim's pid, found by its command line (0 once it is gone). A server forked
+        from the zygote names itself just after the fork: give it a moment to do so."""
+        deadline = time.monotonic() + 5
+        while True:
+            pids = [p for p in _processes_mentioning(f"-id\0{self.task_id}\0") if p]
+            if pids or time.monotonic() > deadline:
+                return pids[0] if pids else 0
+            time.sleep(0.05)
 
     def fifo(self, name: str) -> str:
         path = str(self.bundle / f"io-{name}")
@@ -860,6 +866,7 @@ async def test_shim_sigterm_exits_and_removes_socket():
     async with shim_world() as world:
         shim = await start_shim(world)
         pid = shim.pid
+        assert pid > 0, "the shim's process was not found"  # os.kill(0) would signal our own group
         os.kill(pid, signal.SIGTERM)
         await _wait_for(lambda: not _alive(pid), 10, "the shim to exit on SIGTERM")
         assert not os.path.exists(launch.socket_path(shim.address))
