@@ -121,12 +121,14 @@ def test_container_keeps_its_snapshot_chain(daemon, busybox_tar):
 
 def test_lease_protects_blobs_until_deleted_with_sync(daemon):
     data = b"held by a lease\n"
-    digest = ingest(daemon, data)
+    digest = sha256(data)
     ctr(daemon, "leases", "create", "--id", "holder", "-x", "0")
 
     async def main():
         async with Client(daemon.address, namespace="default") as c:
-            await c.leases.add_resource("holder", digest, "content")
+            # written under the lease: an unleased blob may be collected before it is referenced
+            await c.content.write_blob("held", data, expected=digest, lease="holder")
+            assert [r.id for r in await c.leases.list_resources("holder")] == [digest]
             await c.images.create("img", Descriptor(OCTET, digest, len(data)))
     run(main())
     ctr(daemon, "images", "rm", "--sync", "img")

@@ -318,7 +318,7 @@ async def test_fast_subscriber_gets_all_1000_in_order_while_stalled_one_is_dropp
     await asyncio.wait_for(consumer, 5)
 
     assert received == list(range(1000))
-    assert longest < 0.05
+    assert longest < 1.0  # never waits for a subscriber (a blocked publish would hang here)
     # the stalled subscriber held at most its queue, then was dropped, logged once
     assert stalled.overflowed and stalled.pending == 64
     assert ex.subscribers == 1
