@@ -11,7 +11,7 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 from betterproto.grpc.grpclib_server import ServiceBase
@@ -108,14 +108,16 @@ class Daemon:
             await self.graph.close()
         log.info("stopped")
 
-    async def run(self) -> None:
-        """Start, serve until SIGTERM or SIGINT, stop."""
+    async def run(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Start, call `on_ready` (when given) once serving, serve until SIGTERM or SIGINT, stop."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
             await self.start()
+            if on_ready is not None:
+                on_ready()
             await stop.wait()
         finally:
             await self.stop()
