@@ -141,7 +141,7 @@ def test_lease_protects_blobs_until_deleted_with_sync(daemon):
 
 def test_expired_lease_is_collected_with_what_it_held(daemon):
     data = b"held until the lease expires\n"
-    digest = ingest(daemon, data)
+    digest = sha256(data)
     # ctr truncates the expiry to whole seconds: "short" expires 5 to 6s from now, time enough
     # for the next calls even on a loaded machine
     expires_after = datetime.now(timezone.utc) + timedelta(seconds=5)
@@ -150,8 +150,10 @@ def test_expired_lease_is_collected_with_what_it_held(daemon):
 
     async def main():
         async with Client(daemon.address, namespace="default") as c:
-            await c.leases.add_resource("short", digest, "content")
+            # written under the lease: an unleased blob may be collected before it is referenced
+            await c.content.write_blob("short-held", data, expected=digest, lease="short")
     run(main())
+    assert blob_file(daemon, digest).exists()
     listed = out(ctr(daemon, "leases", "ls", "-q")).split()
     if datetime.now(timezone.utc) < expires_after:
         assert listed == ["short", "long"]
@@ -163,13 +165,14 @@ def test_expired_lease_is_collected_with_what_it_held(daemon):
 
 def test_lease_that_expired_while_the_daemon_was_down(daemon):
     data = b"across a restart\n"
-    digest = ingest(daemon, data)
+    digest = sha256(data)
     expires = datetime.now(timezone.utc) + timedelta(seconds=5)  # after the daemon stopped
 
     async def main():
         async with Client(daemon.address, namespace="default") as c:
             lease = await c.leases.create("gone-by-then", {"containerd.io/gc.expire": expires.isoformat()})
-            await c.leases.add_resource(lease.id, digest, "content")
+            # written under the lease: an unleased blob may be collected before it is referenced
+            await c.content.write_blob("gone-held", data, expected=digest, lease=lease.id)
     run(main())
     daemon.stop()
     assert blob_file(daemon, digest).exists()
