@@ -79,6 +79,16 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def ingest_rooted(d: Daemon, data: bytes, root: str = "1", ns: str = "default") -> str:
+    """A blob written with its containerd.io/gc.root label, in one commit: ingested first and
+    labelled after, it could be collected in between (the startup collection, say)."""
+    async def main():
+        async with Client(d.address, namespace=ns) as c:
+            return await c.content.write_blob(f"rooted-{sha256(data)[7:23]}", data, expected=sha256(data),
+                                              labels={"containerd.io/gc.root": root})
+    return run(main())
+
+
 def wait_until(cond, timeout: float = 60.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -183,15 +193,13 @@ def test_lease_that_expired_while_the_daemon_was_down(daemon):
 
 
 def test_content_rm_is_followed_by_a_collection(daemon):
-    digest = ingest(daemon, b"removed by hand\n")
-    ctr(daemon, "content", "label", digest, "containerd.io/gc.root=1")
+    digest = ingest_rooted(daemon, b"removed by hand\n")
     ctr(daemon, "content", "rm", digest)
     wait_until(lambda: not blob_file(daemon, digest).exists(), what="backend blob swept")
 
 
 def test_unreferenced_ingested_blob_goes_at_the_next_collection(daemon):
-    kept = ingest(daemon, b"rooted\n")
-    ctr(daemon, "content", "label", kept, "containerd.io/gc.root=yes")
+    kept = ingest_rooted(daemon, b"rooted\n", root="yes")
     loose = ingest(daemon, b"nobody holds me\n")
     ctr(daemon, "leases", "create", "--id", "trigger")
     ctr(daemon, "leases", "rm", "--sync", "trigger")
