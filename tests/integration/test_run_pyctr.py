@@ -219,7 +219,7 @@ def test_start_and_attach(env):
     cid = uid("att")
     # the output comes after `start -d` has returned (and its process, which reads too, exited)
     env.pyctr("containers", "create", "--runtime", env.runtime, IMAGE, cid, "sh", "-c",
-              "sleep 4; echo late; exit 4")
+              "sleep 12; echo late; exit 4")  # attach must be up before the echo, even under load
     env.pyctr("tasks", "start", "-d", "--fifo-dir", env.fifo_dir, cid)
     p = env.pyctr("tasks", "attach", cid, check=False)
     assert (p.returncode, p.stdout) == (4, "late\n")
@@ -235,7 +235,7 @@ def zombies_under(env, cid: str, flags: tuple) -> int:
     subshell leaves an orphan that exits 0.1s later."""
     env.run(cid, "sh", "-c", '(sh -c "sleep 0.1 &"); exec sleep 300', runtime=env.runtime, flags=("-d", *flags))
     try:
-        time.sleep(1.0)
+        time.sleep(3.0)  # the orphan exits after 0.1 s; generous for a loaded machine
         out = env.pyctr("tasks", "exec", "--exec-id", "ps", "--fifo-dir", env.fifo_dir, cid, "ps", "-o", "stat").stdout
         return sum(1 for line in out.splitlines() if line.strip().startswith("Z"))
     finally:
@@ -257,7 +257,7 @@ def test_init_reaps_zombies_and_forwards_sigterm(env):
         assert info["Spec"]["process"]["args"][:2] == ["/sbin/pyctr-init", "--"]
         assert {"destination": "/sbin/pyctr-init", "type": "bind", "source": info["Spec"]["mounts"][-1]["source"],
                 "options": ["rbind", "ro"]} == info["Spec"]["mounts"][-1]
-        time.sleep(0.5)
+        time.sleep(2.0)  # the shell must have set its trap before the signal
         env.pyctr("tasks", "kill", cid)
         wait = env.pyctr("tasks", "wait", cid, check=False)
         assert wait.returncode == 7
