@@ -133,11 +133,6 @@ def run_daemon(args: argparse.Namespace) -> int:
         log.warning("config problem", file=str(w.file or ""), table=w.table, key=w.key, problem=w.message)
     daemon = Daemon(cfg, registrations, lambda reg: configmod.plugin_config(cfg, reg))
     try:
-        uvloop = __import__("uvloop")
-        uvloop.install()
-    except ImportError:
-        pass
-    try:
         asyncio.run(daemon.run(on_ready=_serving))
     except RequiredPluginError as e:
         log.error("cannot start", error=str(e))
