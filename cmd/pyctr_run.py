@@ -405,6 +405,7 @@ async def run_process(process: Process, waiter: "asyncio.Future", console: Optio
         write_pid_file(pid_file, process.pid)
     if detach:
         await process.start()
+        await process.detach()
         return None
     async with Foreground(process, console, started=False) as fg:
         await process.start()

@@ -176,6 +176,7 @@ async def cmd_exec(client: Client, args: argparse.Namespace) -> None:
         try:
             if waiter is None:
                 await process.start()
+                await process.detach()
                 return
             async with Foreground(process, console, started=False) as fg:
                 await process.start()

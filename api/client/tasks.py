@@ -17,8 +17,10 @@ daemon side.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import signal as _signal
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -261,6 +263,10 @@ class Process:
                  io: Optional[cio.IO] = None, pid: int = 0):
         self.tasks, self.container_id, self.exec_id = tasks, container_id, exec_id
         self.io, self.pid = io, pid
+        # CloseIO calls the stdin thread has scheduled on the loop; `detach()` settles them
+        self._stdin_lock = threading.Lock()
+        self._stdin_closes: list[concurrent.futures.Future] = []
+        self._stdin_settled = False
 
     @property
     def id(self) -> str:
@@ -283,9 +289,24 @@ class Process:
             loop = asyncio.get_running_loop()
 
             def closed() -> None:
-                asyncio.run_coroutine_threadsafe(self._close_stdin_quietly(), loop)
+                with self._stdin_lock:
+                    if not self._stdin_settled:
+                        self._stdin_closes.append(
+                            asyncio.run_coroutine_threadsafe(self._close_stdin_quietly(), loop))
             when_eof(closed)
         return self.pid
+
+    async def detach(self, timeout: float = 2.0) -> None:
+        """Leave the process to run on its own: stop turning the end of its stdin stream into
+        CloseIO, and let a CloseIO already under way finish (for at most `timeout` seconds), so
+        that nothing is left pending when the caller's event loop ends."""
+        with self._stdin_lock:
+            self._stdin_settled = True
+            pending, self._stdin_closes = self._stdin_closes, []
+        if pending:
+            await asyncio.wait([asyncio.wrap_future(f) for f in pending], timeout=timeout)
+            for f in pending:
+                f.cancel()
 
     async def _close_stdin_quietly(self) -> None:
         try:
@@ -332,6 +353,7 @@ class Process:
             else:
                 result = await self.tasks.delete(self.container_id)
         finally:
+            await self.detach()
             if self.io is not None:
                 await self.io.wait(drain_timeout)
                 self.io.close()

@@ -25,7 +25,9 @@ pytestmark = [pytest.mark.root, pytest.mark.compat]
 
 CTR = shutil.which("ctr")
 PYCTR = str(Path(sys.executable).parent / "pyctr")
-CONFIG = "version = 2\n"
+# No collection at startup (containerd's scheduler runs one `startup_delay` after start, 100ms by
+# default, which on a loaded machine can land after a test made a view that nothing roots).
+CONFIG = 'version = 2\n[plugins."io.containerd.gc.v1.scheduler"]\n  startup_delay = "0s"\n'
 
 
 def run(binary: str, d: Daemon, *args: str, ns: str = "default", ok: bool = True) -> subprocess.CompletedProcess:
@@ -48,8 +50,8 @@ def pyctr(d: Daemon, *args: str, **kw) -> subprocess.CompletedProcess:
 @pytest.fixture
 def daemon():
     """A fresh daemon per test. Views made by ctr carry no gc.root label, so GC (as containerd's)
-    may collect them soon after any deletion: each test starts with no deletion pending and
-    removes its views before anything else."""
+    may collect them soon after any deletion: each test starts with no collection pending (none
+    at startup, no deletion yet) and removes its views before anything else."""
     if CTR is None:
         pytest.skip("ctr is not installed")
     d = Daemon("pycontainerd", config=CONFIG)

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import random
 import struct
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ CHUNK = 1 << 20
 # Writes in flight on one Write stream before the writer waits for replies.
 WRITE_WINDOW = 8
 
+# How long a writer waits for another writer of the same ref (a concurrent pull) to finish.
+LOCK_WAIT = 1800.0
 _WRITE_PATH = "/containerd.services.content.v1.Content/Write"
 _READ_PATH = "/containerd.services.content.v1.Content/Read"
 
@@ -449,6 +452,21 @@ class ContentWriter:
         self._ended = False
 
     async def __aenter__(self) -> "ContentWriter":
+        # Another writer holding the ref (a concurrent pull or import of the same blob) answers
+        # Unavailable "locked": wait for it with a growing random backoff, as containerd's
+        # content.OpenWriter does; once it committed, our open finds the blob and reports exists.
+        backoff = 0.016
+        give_up = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                return await self._open()
+            except errdefs.Unavailable as err:
+                if "locked" not in str(err) or time.monotonic() > give_up:
+                    raise
+            await asyncio.sleep(random.uniform(0, backoff))
+            backoff = min(backoff * 2, 2.048)
+
+    async def _open(self) -> "ContentWriter":
         try:
             with _stream_errors(self.services.address, self._stream):
                 channel = await self.services.channel()

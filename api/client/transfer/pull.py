@@ -14,8 +14,6 @@ cut short, fails the pull; the image is recorded only when everything arrived.
 from __future__ import annotations
 
 import asyncio
-import random
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -32,8 +30,6 @@ from .registry import Registry, RemoteOptions, registry_for
 from .unpack import DEFAULT_SNAPSHOTTER
 
 RESUME_ATTEMPTS = 3
-# How long to wait for another writer of the same blob (a concurrent pull) before giving up.
-LOCK_WAIT = 1800.0
 
 
 @dataclass
@@ -202,36 +198,25 @@ class _Fetcher:
         return None
 
     async def _stream(self, desc: Descriptor, key: str) -> None:
-        backoff = 0.016
-        give_up = time.monotonic() + LOCK_WAIT
-        while True:
-            try:
-                bad: Optional[errdefs.FailedPrecondition] = None
-                async with self.svc.writer(key, desc.size, desc.digest) as w:
-                    if w.exists:
-                        self.progress.finish(key, "exists")
-                        return
-                    try:
-                        await self._copy(desc, key, w)
-                        await w.commit(desc.size, desc.digest)
-                    except errdefs.FailedPrecondition as err:
-                        bad = err
-                if bad is not None:
-                    # bad bytes: drop the ingest, so that the next pull does not resume them
-                    await self.svc.abort(key)
-                    if "registry sent" in bad.message or "truncated" in bad.message:
-                        raise bad
-                    raise errdefs.FailedPrecondition(
-                        f"{desc.digest}: content from the registry does not match its descriptor: "
-                        f"{bad.message}")
-                self.progress.finish(key, "done")
+        bad: Optional[errdefs.FailedPrecondition] = None
+        async with self.svc.writer(key, desc.size, desc.digest) as w:
+            if w.exists:
+                self.progress.finish(key, "exists")
                 return
-            except errdefs.Unavailable as err:
-                # another writer holds the ref (a concurrent pull of the same blob): wait for it
-                if "locked" not in str(err) or time.monotonic() > give_up:
-                    raise
-                await asyncio.sleep(random.uniform(0, backoff))
-                backoff = min(backoff * 2, 2.048)
+            try:
+                await self._copy(desc, key, w)
+                await w.commit(desc.size, desc.digest)
+            except errdefs.FailedPrecondition as err:
+                bad = err
+        if bad is not None:
+            # bad bytes: drop the ingest, so that the next pull does not resume them
+            await self.svc.abort(key)
+            if "registry sent" in bad.message or "truncated" in bad.message:
+                raise bad
+            raise errdefs.FailedPrecondition(
+                f"{desc.digest}: content from the registry does not match its descriptor: "
+                f"{bad.message}")
+        self.progress.finish(key, "done")
 
     async def _copy(self, desc: Descriptor, key: str, w) -> None:
         self.progress.start(key, desc.size, "downloading")
