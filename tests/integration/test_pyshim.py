@@ -103,6 +103,21 @@ def test_metrics_encoder_wire_format():
                                                                                     0x22, 3, 1, 0x80, 1])
 
 
+def test_runs_this_code_knows_our_installed_shim_only(tmp_path):
+    if not os.path.exists(SHIM):
+        pytest.skip("containerd-shim-pyrunc-v2 is not installed (pip install -e .)")
+    assert launch.runs_this_code(SHIM)
+    assert launch.runs_this_code(os.path.realpath(SHIM))
+    body = Path(SHIM).read_bytes().partition(b"\n")[2]
+    other = tmp_path / "other-python"
+    other.write_bytes(b"#!/usr/bin/env python3\n" + body)  # another interpreter: another install
+    wrapper = tmp_path / "wrapper"
+    wrapper.write_text(f'#!/bin/sh\nexec {SHIM} "$@"\n')
+    go_shim = shutil.which("containerd-shim-runc-v2") or "/bin/true"
+    for path in (other, wrapper, go_shim, tmp_path / "missing", tmp_path):
+        assert not launch.runs_this_code(str(path)), path
+
+
 # ---------------------------------------------------------------------------- helpers
 
 def _alive(pid: int) -> bool:
@@ -188,6 +203,7 @@ class Env:
     runc_root: Path
     env: dict[str, str]
     shims: list["Shim"] = field(default_factory=list)
+    in_process: bool = False  # `start` run by launch.start() in this process, as our daemon does
 
     def bundle_dir(self, task_id: str) -> Path:
         return self.root / "state" / self.namespace / task_id
@@ -274,7 +290,7 @@ needs_runc = pytest.mark.skipif(RUNC is None or BUSYBOX is None or not os.path.e
 
 
 @contextlib.asynccontextmanager
-async def shim_world(*, zygote: bool = True, events: bool = True):
+async def shim_world(*, zygote: bool = True, events: bool = True, in_process: bool = False):
     root = Path(tempfile.mkdtemp(prefix="pyshim-", dir="/tmp"))
     namespace = f"pyshim-{uuid.uuid4().hex[:8]}"
     image = root / "image"
@@ -290,7 +306,7 @@ async def shim_world(*, zygote: bool = True, events: bool = True):
         env["PYRUNC_ZYGOTE"] = "0"
     world = Env(root=root, namespace=namespace, address=str(root / "d.sock"),
                 ttrpc_address=str(root / "d.sock.ttrpc"), sink=EventSink(), server=None, image=image,
-                runc_root=root / "runc", env=env)
+                runc_root=root / "runc", env=env, in_process=in_process)
     try:
         if events:
             await world.start_events()
@@ -364,13 +380,23 @@ async def start_shim(world: Env, task_id: str | None = None, *, args: list[str] 
                 annotations=annotations, memory_limit=memory_limit)
     os.mkfifo(bundle / "log", 0o700)
     log_fd = os.open(bundle / "log", os.O_RDWR | os.O_NONBLOCK)  # as containerd: read side held
-    code, out, err = await _run([SHIM, "-namespace", world.namespace, "-address", world.address,
-                                 "-publish-binary", "/bin/true", "-id", task_id, "start"],
-                                cwd=str(bundle), env=world.env)
-    if code != 0:
-        os.close(log_fd)
-        raise AssertionError(f"start failed ({code}): {err.decode(errors='replace')}")
-    address = out.decode().strip()
+    if world.in_process:
+        flags = launch.parse_flags(["-namespace", world.namespace, "-address", world.address, "-id", task_id,
+                                    "start"])
+        try:
+            address = await asyncio.to_thread(launch.start, flags, bundle=str(bundle), env=world.env,
+                                              executable=SHIM, direct=False)
+        except BaseException:
+            os.close(log_fd)
+            raise
+    else:
+        code, out, err = await _run([SHIM, "-namespace", world.namespace, "-address", world.address,
+                                     "-publish-binary", "/bin/true", "-id", task_id, "start"],
+                                    cwd=str(bundle), env=world.env)
+        if code != 0:
+            os.close(log_fd)
+            raise AssertionError(f"start failed ({code}): {err.decode(errors='replace')}")
+        address = out.decode().strip()
     assert (bundle / "address").read_text() == address
     client = await TtrpcClient.connect(address, timeout=10)
     shim = Shim(world, task_id, bundle, address, client, client.stub(TaskStub, namespace=world.namespace,
@@ -397,11 +423,12 @@ def assert_clean(world: Env) -> None:
 
 # ---------------------------------------------------------------------------- scenarios
 
-@pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "exec"])
+@pytest.mark.parametrize("zygote,in_process", [(True, False), (False, False), (True, True)],
+                         ids=["zygote", "exec", "in-process"])
 @pytest.mark.root
 @needs_runc
-async def test_lifecycle_events_output_and_no_leaks(zygote):
-    async with shim_world(zygote=zygote) as world:
+async def test_lifecycle_events_output_and_no_leaks(zygote, in_process):
+    async with shim_world(zygote=zygote, in_process=in_process) as world:
         shim = await start_shim(world, args=["sh", "-c", "echo out-line; echo err-line >&2; exit 3"])
         connected = await shim.task.connect(ConnectRequest(id=shim.task_id))
         assert connected.shim_pid == shim.pid and connected.task_pid == 0
@@ -451,6 +478,28 @@ async def test_lifecycle_events_output_and_no_leaks(zygote):
         assert {ns for _t, ns, _e in world.sink.events} == {world.namespace}
         create_ev = world.sink.of("/tasks/create")[0]
         assert (create_ev.bundle, create_ev.pid, create_ev.io.stdout) == (str(shim.bundle), created.pid, out_path)
+    assert_clean(world)
+
+
+@pytest.mark.root
+@needs_runc
+async def test_in_process_start_without_a_zygote_leaves_nothing():
+    """The daemon's in-process `start` takes a zygote or nothing (its working directory is not
+    the bundle): with the zygote disabled it refuses, without a socket or address left."""
+    async with shim_world(zygote=False, in_process=True) as world:
+        task_id = "nozygote"
+        bundle = world.bundle_dir(task_id)
+        bundle.mkdir(parents=True)
+        _write_spec(bundle, ["true"])
+        flags = launch.parse_flags(["-namespace", world.namespace, "-address", world.address, "-id", task_id,
+                                    "start"])
+        with pytest.raises(launch.ZygoteUnavailable, match="disabled"):
+            await asyncio.to_thread(launch.start, flags, bundle=str(bundle), env=world.env, executable=SHIM,
+                                    direct=False)
+        address = launch.socket_address(world.address, world.namespace, task_id)
+        assert not os.path.exists(launch.socket_path(address))
+        assert not (bundle / "address").exists()
+        assert not _processes_mentioning(f"-id\0{task_id}\0")
     assert_clean(world)
 
 

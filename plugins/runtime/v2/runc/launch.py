@@ -6,7 +6,9 @@ containerd runs `containerd-shim-pyrunc-v2 -namespace NS -address ADDR -publish-
 after a shim disconnects it runs `... -id ID -bundle PATH delete` and reads a marshalled
 task.v2.DeleteResponse from stdout. Both run in a fresh interpreter each time, so this module
 imports only the standard library (no betterproto, no asyncio) and keeps its work to a few
-syscalls: its import time is container start latency.
+syscalls: its import time is container start latency. Our daemon skips that interpreter: when the
+runtime's binary is this entry point for its own interpreter (`runs_this_code`), it calls
+`start()` in a worker thread with the bundle, environment and options it would have passed.
 
 What `start` does, as containerd's runc shim manager does (runtime/v2/runc/manager, shim/util*):
   * the socket address is `unix:///run/pycontainerd/s/<sha256(join(ADDR, NS, GROUP))>` (containerd's
@@ -176,7 +178,8 @@ def main(argv: list | None = None) -> int:
         if not flags.namespace:
             raise ShimError("shim namespace cannot be empty")
         if flags.action == "start":
-            sys.stdout.write(start(flags))
+            options = sys.stdin.buffer.read() if not sys.stdin.closed else b""
+            sys.stdout.write(start(flags, options=options, warn=_warn_to_log_fifo))
             sys.stdout.flush()
             return 0
         if flags.action == "delete":
@@ -188,7 +191,7 @@ def main(argv: list | None = None) -> int:
         sys.stderr.write(f"{NAME}: {err}")
         return 1
     except OSError as err:
-        sys.stderr.write(f"{NAME}: {_oserror_text(err)}")
+        sys.stderr.write(f"{NAME}: {oserror_text(err)}")
         return 1
     # no action: serve (a server exec'd directly rather than forked from the zygote); show the
     # argv a Go shim would have, not the interpreter running this script
@@ -198,7 +201,7 @@ def main(argv: list | None = None) -> int:
     return server.main(flags, listen_fd=None if flags.socket else 3)
 
 
-def _oserror_text(err: OSError) -> str:
+def oserror_text(err: OSError) -> str:
     if err.filename:
         return f"{err.filename}: {err.strerror or err}"
     return err.strerror or str(err)
@@ -371,12 +374,21 @@ def read_address(path: str = "address") -> str:
     return data
 
 
-def start(flags: Flags) -> str:
-    """The `start` action; returns the address to print."""
+def start(flags: Flags, *, bundle: str = ".", env=None, options: bytes = b"", executable: str = "",
+          warn=None, direct: bool = True) -> str:
+    """The `start` action for the task in `bundle` (containerd runs it from there), with the
+    environment `env` (default: ours) and the task options `options` (a marshalled Any); returns
+    the address to print. `executable` is this shim's binary (default: the running script);
+    `warn` receives what the caller should log (a fallback taken). Without `direct`, a server
+    comes from the zygote or not at all (ZygoteUnavailable, nothing left behind): a caller whose
+    working directory is not the bundle runs the binary instead. Blocks: at most a few seconds,
+    while a lingering shim of the group goes away or a zygote starts."""
+    env = os.environ if env is None else env
+    executable = executable or self_executable()
     if len(flags.address) > 0 and "\0" in flags.address:
         raise ShimError("invalid containerd address")
-    group = group_id(flags.id, read_spec_annotations())
-    if group == flags.id and os.environ.get("PYRUNC_SHIM_GROUP") == "namespace":
+    group = group_id(flags.id, read_spec_annotations(os.path.join(bundle, "config.json")))
+    if group == flags.id and env.get("PYRUNC_SHIM_GROUP") == "namespace":
         group = SHARED_GROUP
     address = socket_address(flags.address, flags.namespace, group)
     deadline = time.monotonic() + 10.0
@@ -386,14 +398,14 @@ def start(flags: Flags) -> str:
             break
         except OSError as err:
             if err.errno != errno.EADDRINUSE:
-                raise ShimError(f"create new shim socket: {_oserror_text(err)}") from None
+                raise ShimError(f"create new shim socket: {oserror_text(err)}") from None
         # a shim of this group already serves it. A namespace-wide server may be lingering after
         # its last container: it is told someone comes (and answers) rather than just probed,
         # and one that is on its way out is waited for, never replaced under its feet.
         state = ttrpc_connect(address, flags.id) if group == SHARED_GROUP else (
             "ok" if can_connect(address) else "refused")
         if state == "ok":
-            write_address("address", address)
+            write_address(os.path.join(bundle, "address"), address)
             return address
         if state == "refused":  # dead: its socket file is stale
             remove_socket(address)
@@ -403,10 +415,9 @@ def start(flags: Flags) -> str:
             time.sleep(0.05)
     pid = 0
     try:
-        write_address("address", address)
-        pid = launch_server(flags, sock)
+        write_address(os.path.join(bundle, "address"), address)
+        pid = launch_server(flags, sock, bundle, env, executable, warn, direct)
         sock.close()
-        options = sys.stdin.buffer.read() if not sys.stdin.closed else b""
         shim_cgroup = _shim_cgroup(options)
         if shim_cgroup:
             join_cgroup(pid, shim_cgroup)
@@ -414,6 +425,10 @@ def start(flags: Flags) -> str:
     except BaseException:
         sock.close()
         remove_socket(address)
+        try:
+            os.unlink(os.path.join(bundle, "address"))
+        except OSError:
+            pass
         if pid:
             try:
                 os.kill(pid, 9)
@@ -421,6 +436,30 @@ def start(flags: Flags) -> str:
                 pass
         raise
     return address
+
+
+_ENTRY_LINE = b"from pycontainerd.cmd.shim import main"
+
+
+def runs_this_code(binary: str) -> bool:
+    """Whether `binary` is this shim's installed entry point run by this very interpreter (a
+    console script: `#!<sys.executable>` importing pycontainerd.cmd.shim). Its `start` action
+    is then exactly `start()` here, and a caller with this module loaded can run it in-process
+    instead of paying an interpreter start per container."""
+    try:
+        with open(binary, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    first, _, body = head.partition(b"\n")
+    if not first.startswith(b"#!") or _ENTRY_LINE not in body:
+        return False
+    interpreter = first[2:].strip().split(b" ")[0].decode(errors="replace")
+    try:  # the same file in the same bin/ (a venv's python links to its base interpreter)
+        return (os.path.samefile(interpreter, sys.executable)
+                and os.path.samefile(os.path.dirname(interpreter), os.path.dirname(sys.executable)))
+    except OSError:
+        return False
 
 
 def self_executable() -> str:
@@ -431,17 +470,40 @@ def self_executable() -> str:
     return shutil.which("containerd-shim-pyrunc-v2") or os.path.abspath(exe)
 
 
-def launch_server(flags: Flags, sock) -> int:
-    """Start the server process serving `sock`; returns its pid."""
-    argv = [self_executable(), *flags.server_args()]
-    env = dict(os.environ)
+def launch_server(flags: Flags, sock, bundle: str, env, executable: str, warn=None,
+                  direct: bool = True) -> int:
+    """Start the server process serving `sock`, from `bundle` with `env`; returns its pid. A
+    server spawned directly (no zygote; only when `direct`) inherits our working directory."""
+    argv = [executable, *flags.server_args()]
+    env = dict(env)
     env["GOMAXPROCS"] = "4"
-    if os.environ.get("PYRUNC_ZYGOTE", "1") not in ("0", "false", "no", "off"):
+    if env.get("PYRUNC_ZYGOTE", "1") not in ("0", "false", "no", "off"):
         try:
-            return zygote_fork(argv, os.getcwd(), env, sock.fileno(), flags.address)
+            return zygote_fork(argv, os.path.abspath(bundle), env, sock.fileno(), flags.address)
         except ZygoteUnavailable as err:
-            sys.stderr.write(f"zygote unavailable, starting the shim directly: {err}\n")
+            if not direct:
+                raise
+            if warn is not None:
+                warn(f"zygote unavailable, starting the shim directly: {err}")
+    elif not direct:
+        raise ZygoteUnavailable("the zygote is disabled (PYRUNC_ZYGOTE)")
     return spawn(argv, env, fds={3: sock.fileno()}, setpgroup=True)
+
+
+def _warn_to_log_fifo(text: str) -> None:
+    """The binary's `start` output is its address (containerd reads stdout and stderr together):
+    warnings go to the bundle's `log` fifo, which the daemon copies to its log."""
+    try:
+        fd = os.open("log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        os.write(fd, f'time="{stamp}" level=warning msg="{text}" runtime={NAME}\n'.encode())
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def spawn(argv: list, env: dict, fds: dict | None = None, stdout: int | None = None,
@@ -472,6 +534,13 @@ def spawn(argv: list, env: dict, fds: dict | None = None, stdout: int | None = N
     finally:
         for fd in keep:
             os.close(fd)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 
 
 def _fcntl():
@@ -566,7 +635,7 @@ def join_cgroup(pid: int, path: str) -> None:
                 f.write(str(pid))
         except OSError as err:
             if unified:
-                raise ShimError(f"failed to join cgroup {path}: {_oserror_text(err)}") from None
+                raise ShimError(f"failed to join cgroup {path}: {oserror_text(err)}") from None
             # a v1 hierarchy without that cgroup: containerd's cgroups.Load skips missing ones
 
 
@@ -595,8 +664,8 @@ class ZygoteUnavailable(Exception):
     pass
 
 
-def zygote_dir() -> str:
-    return os.environ.get("PYRUNC_ZYGOTE_DIR") or DEFAULT_ZYGOTE_DIR
+def zygote_dir(env=None) -> str:
+    return (os.environ if env is None else env).get("PYRUNC_ZYGOTE_DIR") or DEFAULT_ZYGOTE_DIR
 
 
 def _package_dir() -> str:
@@ -624,11 +693,11 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def zygote_socket_path(containerd_address: str = "") -> str:
+def zygote_socket_path(containerd_address: str = "", env=None) -> str:
     """One zygote per code version and daemon: a daemon's shims never come from a zygote another
     daemon started (its environment, cgroups, lifetime are that daemon's business)."""
     key = sha256(f"{code_fingerprint()}\0{containerd_address}".encode()).hexdigest()[:16]
-    return os.path.join(zygote_dir(), f"zygote-{key}.sock")
+    return os.path.join(zygote_dir(env), f"zygote-{key}.sock")
 
 
 _HEADER = struct.Struct(">I")
@@ -657,13 +726,14 @@ def _zygote_request(path: str, request: dict, fd: int, timeout: float) -> dict:
 
 
 def zygote_fork(argv: list, cwd: str, env: dict, listen_fd: int, containerd_address: str = "") -> int:
-    """Ask the zygote (starting it if needed) for a server process; returns its pid."""
-    path = zygote_socket_path(containerd_address)
+    """Ask the zygote (starting it if needed, as argv[0] with `env`) for a server process that
+    runs `argv` in `cwd` with `env`; returns its pid."""
+    path = zygote_socket_path(containerd_address, env)
     request = {"argv": argv, "cwd": cwd, "env": env}
     try:
         reply = _zygote_request(path, request, listen_fd, 10.0)
     except (FileNotFoundError, ConnectionRefusedError):
-        start_zygote(path, containerd_address)
+        start_zygote(path, argv[0], env, containerd_address)
         try:
             reply = _zygote_request(path, request, listen_fd, 10.0)
         except OSError as err:
@@ -675,15 +745,16 @@ def zygote_fork(argv: list, cwd: str, env: dict, listen_fd: int, containerd_addr
     return int(reply["pid"])
 
 
-def start_zygote(path: str, containerd_address: str = "", timeout: float = 30.0) -> None:
-    """Start a zygote listening on `path` unless one already answers there (one at a time:
-    concurrent `start`s serialise on a lock file next to the socket)."""
+def start_zygote(path: str, executable: str, env: dict, containerd_address: str = "",
+                 timeout: float = 30.0) -> None:
+    """Start a zygote (`executable zygote ...` with `env`) listening on `path` unless one already
+    answers there (one at a time: concurrent `start`s serialise on a lock file next to the socket)."""
     directory = os.path.dirname(path)
     try:
         os.makedirs(directory, 0o700, exist_ok=True)
         lock = os.open(path + ".lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
     except OSError as err:
-        raise ZygoteUnavailable(f"{directory}: {_oserror_text(err)}") from None
+        raise ZygoteUnavailable(f"{directory}: {oserror_text(err)}") from None
     fcntl = _fcntl()
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -699,9 +770,12 @@ def start_zygote(path: str, containerd_address: str = "", timeout: float = 30.0)
         try:
             # the padding leaves room to rewrite a forked server's cmdline; the daemon's address
             # names the zygote's owner to ps (and to test harnesses cleaning up after a daemon)
-            argv = [self_executable(), "zygote", path, containerd_address or "-", "-" * 1024]
-            env = dict(os.environ)
-            spawn(argv, env, stdout=w, setsid=True)
+            argv = [executable, "zygote", path, containerd_address or "-", "-" * 1024]
+            pid = spawn(argv, dict(env), stdout=w, setsid=True)
+            # a `start` process exits at once and leaves the zygote to init; a daemon starting
+            # shims in-process lives on and must reap it when it ends
+            import threading
+            threading.Thread(target=_reap, args=(pid,), name="pyrunc-zygote-reaper", daemon=True).start()
         finally:
             os.close(w)
         try:
