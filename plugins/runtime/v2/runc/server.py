@@ -252,6 +252,9 @@ def main(flags: launch.Flags, listen_fd: int | None = 3) -> int:
     if not flags.namespace:
         sys.stderr.write(f"{launch.NAME}: shim namespace cannot be empty")
         return 1
+    # SIGTERM/SIGINT wait (blocked) until serve() handles them: one arriving while we start up
+    # must still end in a clean shutdown that removes the socket
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     set_subreaper()
     follower = LogFollower(os.getcwd() if open_log() else "")
     configure_logging(flags.debug)
@@ -319,6 +322,7 @@ async def serve(flags: launch.Flags, listen_fd: int | None, on_ready=None, addre
     await server.start_socket(sock)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     log.info("starting signal loop", namespace=flags.namespace, path=os.getcwd(), pid=os.getpid())
     if on_ready is not None:
         on_ready(service)

@@ -178,6 +178,8 @@ def join_cgroups_of(pid: int) -> None:
 def _become_server(conn: socket.socket, listen_fd: int, request: dict, peer_pid: int, zygote_sock: int) -> None:
     code = 1
     try:
+        # a SIGTERM before the server's handlers are up must wait for them, not kill it half-made
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         os.setpgid(0, 0)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
