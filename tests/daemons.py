@@ -120,9 +120,11 @@ class Daemon:
         self.stop(signal.SIGKILL)
 
     def cleanup(self) -> None:
-        """Stop the daemon, end every process started under tmp, unmount, remove tmp."""
+        """Stop the daemon, end every process started under tmp (containers too), unmount,
+        remove tmp."""
         self.stop()
         kill_processes_under(self.tmp)
+        delete_containers_under(self.tmp)
         unmount_under(self.tmp)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -211,6 +213,26 @@ def kill_processes_under(path: Path) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
         except (OSError, ProcessLookupError):
             continue
+
+
+# runc roots of our shims and of containerd's Go shims (runc keeps its state there, per namespace)
+RUNC_ROOTS = (Path("/run/pycontainerd/runc"), Path("/run/containerd/runc"))
+
+
+def delete_containers_under(path: Path) -> None:
+    """`runc delete --force` every container whose bundle is under `path`: a container's
+    processes do not mention the temp dir in their command lines, and a killed shim leaves them
+    running (reparented to init)."""
+    prefix = f"bundle={path}/".encode()
+    for root in RUNC_ROOTS:
+        for state in root.glob("*/*/state.json"):
+            try:
+                if prefix not in state.read_bytes():
+                    continue
+            except OSError:
+                continue
+            subprocess.run(["runc", "--root", str(state.parent.parent), "delete", "--force", state.parent.name],
+                           capture_output=True, timeout=60)
 
 
 def unmount_under(path: Path) -> None:
