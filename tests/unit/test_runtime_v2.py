@@ -489,3 +489,27 @@ def test_shim_log_copies_to_stderr(tmp_path, capfd):
 
     asyncio.run(go())
     assert "hello from the shim" in capfd.readouterr().err
+
+
+async def test_stale_socket_removed_only_when_nobody_listens():
+    import socket
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="stale-", dir="/tmp"))
+    try:
+        dead, live = d / "dead", d / "live"
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(dead))
+        s.close()  # the file stays, nobody listens: connection refused
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(live))
+        server.listen(1)
+        await managermod._remove_stale_socket(f"unix://{dead}")
+        await managermod._remove_stale_socket(f"unix://{live}")
+        assert not dead.exists()
+        assert live.exists()
+        server.close()
+    finally:
+        for p in d.iterdir():
+            p.unlink()
+        d.rmdir()

@@ -419,17 +419,21 @@ def _read_address(bundle: Bundle) -> str:
 
 
 async def _remove_stale_socket(address: str) -> None:
-    """Remove a dead shim's socket file (a live one, e.g. a shim shared by a group, is kept)."""
+    """Remove a dead shim's socket file: one nobody listens on (connection refused). A live one
+    (a shim shared by a group) is kept, and so is one whose answer is merely slow or whose
+    backlog is full: a busy shim's socket must never go from under it."""
     path = socket_path(address) if address else None
     if not path or not os.path.exists(path):
         return
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 0.5)
-    except (OSError, asyncio.TimeoutError):
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 5.0)
+    except ConnectionRefusedError:
         try:
             os.unlink(path)
         except OSError:
             pass
+        return
+    except (OSError, asyncio.TimeoutError):
         return
     writer.close()
 
