@@ -22,7 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import structlog
 
@@ -30,9 +30,10 @@ from pycontainerd.core import errdefs
 from pycontainerd.core.identifiers import go_quote
 from pycontainerd.core.mount import Mount
 
-from .base import Info, Kind, Snapshotter, Usage, check_key
-from .fsutil import copy_tree, disk_usage, remove_tree
-from .storage import MetaStore, Snapshot
+from .base import Kind, check_key
+from .fsutil import copy_tree, remove_tree
+from .local import LocalSnapshotter
+from .storage import Snapshot
 
 log = structlog.get_logger(__name__)
 
@@ -43,20 +44,15 @@ class NativeConfig:
     """Where snapshots live (default: the plugin's own root directory)."""
 
 
-class NativeSnapshotter(Snapshotter):
+class NativeSnapshotter(LocalSnapshotter):
     def __init__(self, root: str | Path):
-        self.root = str(root)
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
-        os.makedirs(self.snapshots_dir, mode=0o700, exist_ok=True)
-        self.ms = MetaStore(Path(self.root) / "metadata.db")
+        super().__init__(root)
         self._sweep_leftovers()
-
-    @property
-    def snapshots_dir(self) -> str:
-        return os.path.join(self.root, "snapshots")
 
     def snapshot_dir(self, sid: str) -> str:
         return os.path.join(self.root, "snapshots", sid)
+
+    data_dir = snapshot_dir
 
     def _sweep_leftovers(self) -> None:
         """Directories of creations or removals a crash interrupted (only safe at start)."""
@@ -70,50 +66,6 @@ class NativeSnapshotter(Snapshotter):
             if name not in ids:
                 with contextlib.suppress(OSError):
                     remove_tree(os.path.join(self.snapshots_dir, name))
-
-    async def stat(self, key: str) -> Info:
-        def run() -> Info:
-            with self.ms.read() as tx:
-                return tx.get_info(key)[1]
-        return await asyncio.to_thread(run)
-
-    async def update(self, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
-        def run() -> Info:
-            with self.ms.transaction() as tx:
-                return tx.update(info, fieldpaths)
-        return await asyncio.to_thread(run)
-
-    async def usage(self, key: str) -> Usage:
-        def run() -> Usage:
-            with self.ms.read() as tx:
-                sid, info, usage = tx.get_info(key)
-            if info.kind == Kind.ACTIVE:
-                return disk_usage(self.snapshot_dir(sid))
-            return usage
-        return await asyncio.to_thread(run)
-
-    async def mounts(self, key: str) -> list[Mount]:
-        def run() -> list[Mount]:
-            with self.ms.read() as tx:
-                return self._mounts(tx.get_snapshot(key))
-        return await asyncio.to_thread(run)
-
-    async def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
-        return await asyncio.to_thread(self._create, Kind.ACTIVE, key, parent, labels)
-
-    async def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
-        return await asyncio.to_thread(self._create, Kind.VIEW, key, parent, labels)
-
-    async def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
-        check_key(name, "name")
-
-        def run() -> None:
-            with self.ms.read() as tx:
-                sid, _, _ = tx.get_info(key)
-            usage = disk_usage(self.snapshot_dir(sid))
-            with self.ms.transaction() as tx:
-                tx.commit_active(key, name, usage, labels)
-        await asyncio.to_thread(run)
 
     async def remove(self, key: str) -> None:
         def run() -> None:
@@ -130,15 +82,6 @@ class NativeSnapshotter(Snapshotter):
                 except OSError as e:
                     log.warning("failed to remove root filesystem", path=renamed, error=str(e))
         await asyncio.to_thread(run)
-
-    async def walk(self, filter_strings: Sequence[str] = ()) -> list[Info]:
-        def run() -> list[Info]:
-            with self.ms.read() as tx:
-                return [info for _, info in tx.walk(filter_strings)]
-        return await asyncio.to_thread(run)
-
-    async def close(self) -> None:
-        self.ms.close()
 
     def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str] | None) -> list[Mount]:
         check_key(key)

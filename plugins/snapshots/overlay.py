@@ -35,9 +35,10 @@ import structlog
 from pycontainerd.core import mount as mountmod
 from pycontainerd.core.mount import Mount
 
-from .base import LABEL_UPPERDIR, Info, Kind, Snapshotter, Usage, check_key
-from .fsutil import disk_usage, remove_tree
-from .storage import MetaStore, Snapshot
+from .base import LABEL_UPPERDIR, Info, Kind, check_key
+from .fsutil import remove_tree
+from .local import LocalSnapshotter
+from .storage import Snapshot
 
 log = structlog.get_logger(__name__)
 
@@ -78,23 +79,16 @@ def check_overlay_support(root: str) -> None:
         remove_tree(td)
 
 
-class OverlaySnapshotter(Snapshotter):
+class OverlaySnapshotter(LocalSnapshotter):
     def __init__(self, root: str | Path, *, upperdir_label: bool = False, sync_remove: bool = False,
                  mount_options: Sequence[str] = (), index_off: bool | None = None):
-        self.root = str(root)
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
-        os.makedirs(os.path.join(self.root, "snapshots"), mode=0o700, exist_ok=True)
-        self.ms = MetaStore(Path(self.root) / "metadata.db")
+        super().__init__(root)
         self.upperdir_label = upperdir_label
         self.sync_remove = sync_remove
         self.index_off = supports_index_off() if index_off is None else index_off
         self.mount_options = list(mount_options)
 
     # -- paths ---------------------------------------------------------------------------------
-
-    @property
-    def snapshots_dir(self) -> str:
-        return os.path.join(self.root, "snapshots")
 
     def upper_path(self, sid: str) -> str:
         """The fs directory of snapshot id `sid` (upperdir while active, a lowerdir once committed)."""
@@ -103,62 +97,15 @@ class OverlaySnapshotter(Snapshotter):
     def work_path(self, sid: str) -> str:
         return os.path.join(self.root, "snapshots", sid, "work")
 
-    def _with_upperdir(self, sid: str, info: Info) -> Info:
+    data_dir = upper_path
+
+    def _info(self, sid: str, info: Info) -> Info:
         if self.upperdir_label:
             info.labels = dict(info.labels)
             info.labels[LABEL_UPPERDIR] = self.upper_path(sid)
         return info
 
     # -- the contract --------------------------------------------------------------------------
-
-    async def stat(self, key: str) -> Info:
-        def run() -> Info:
-            with self.ms.read() as tx:
-                sid, info, _ = tx.get_info(key)
-            return self._with_upperdir(sid, info)
-        return await asyncio.to_thread(run)
-
-    async def update(self, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
-        def run() -> Info:
-            with self.ms.transaction() as tx:
-                updated = tx.update(info, fieldpaths)
-                sid, _, _ = tx.get_info(info.name)
-            return self._with_upperdir(sid, updated)
-        return await asyncio.to_thread(run)
-
-    async def usage(self, key: str) -> Usage:
-        def run() -> Usage:
-            with self.ms.read() as tx:
-                sid, info, usage = tx.get_info(key)
-            if info.kind == Kind.ACTIVE:
-                return disk_usage(self.upper_path(sid))
-            return usage
-        return await asyncio.to_thread(run)
-
-    async def mounts(self, key: str) -> list[Mount]:
-        def run() -> list[Mount]:
-            with self.ms.read() as tx:
-                s = tx.get_snapshot(key)
-            return self._mounts(s)
-        return await asyncio.to_thread(run)
-
-    async def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
-        return await asyncio.to_thread(self._create, Kind.ACTIVE, key, parent, labels)
-
-    async def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
-        return await asyncio.to_thread(self._create, Kind.VIEW, key, parent, labels)
-
-    async def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
-        check_key(name, "name")
-
-        def run() -> None:
-            with self.ms.read() as tx:
-                sid, _, _ = tx.get_info(key)
-            # The upper dir no longer changes once the caller commits: measure it outside the lock.
-            usage = disk_usage(self.upper_path(sid))
-            with self.ms.transaction() as tx:
-                tx.commit_active(key, name, usage, labels)
-        await asyncio.to_thread(run)
 
     async def remove(self, key: str) -> None:
         def run() -> None:
@@ -174,13 +121,6 @@ class OverlaySnapshotter(Snapshotter):
                     log.warning("failed to remove directory", path=d, error=str(e))
         await asyncio.to_thread(run)
 
-    async def walk(self, filter_strings: Sequence[str] = ()) -> list[Info]:
-        def run() -> list[Info]:
-            with self.ms.read() as tx:
-                pairs = tx.walk(filter_strings)
-            return [self._with_upperdir(sid, info) for sid, info in pairs]
-        return await asyncio.to_thread(run)
-
     async def cleanup(self) -> None:
         """Remove the directories of snapshots no longer in the metastore (and leftovers of
         interrupted creations)."""
@@ -193,9 +133,6 @@ class OverlaySnapshotter(Snapshotter):
                 except OSError as e:
                     log.warning("failed to remove directory", path=d, error=str(e))
         await asyncio.to_thread(run)
-
-    async def close(self) -> None:
-        self.ms.close()
 
     # -- internals -----------------------------------------------------------------------------
 
