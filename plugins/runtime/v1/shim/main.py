@@ -25,8 +25,7 @@ NAME = "containerd-shim-pyrunc-v1"
 DEFAULT_RUNTIME_ROOT = runc("launch").RUNC_ROOT  # ours, /run/pycontainerd/runc (the Go shim's is /run/containerd/runc)
 
 
-class FlagError(Exception):
-    pass
+FlagError = runc("launch").FlagError
 
 
 class Flags:
@@ -54,40 +53,7 @@ _STRING = {"namespace": "namespace", "socket": "socket", "address": "address", "
 
 def parse_flags(argv: list[str]) -> Flags:
     flags = Flags()
-    i, n = 0, len(argv)
-    while i < n:
-        arg = argv[i]
-        if len(arg) < 2 or arg[0] != "-":
-            break
-        if arg == "--":
-            i += 1
-            break
-        name = arg[2:] if arg.startswith("--") else arg[1:]
-        if not name or name[0] in "-=":
-            raise FlagError(f"bad flag syntax: {arg}")
-        value = None
-        if "=" in name:
-            name, value = name.split("=", 1)
-        i += 1
-        if name in _BOOL:
-            if value is None or value.lower() in ("1", "t", "true"):
-                setattr(flags, _BOOL[name], True)
-            elif value.lower() in ("0", "f", "false"):
-                setattr(flags, _BOOL[name], False)
-            else:
-                raise FlagError(f'invalid boolean value "{value}" for -{name}: parse error')
-        elif name in _STRING:
-            if value is None:
-                if i >= n:
-                    raise FlagError(f"flag needs an argument: -{name}")
-                value = argv[i]
-                i += 1
-            setattr(flags, _STRING[name], value)
-        elif name in ("h", "help"):
-            raise FlagError("flag: help requested")
-        else:
-            raise FlagError(f"flag provided but not defined: -{name}")
-    flags.args = argv[i:]
+    flags.args = runc("launch").parse_go_flags(argv, flags, _BOOL, _STRING)
     return flags
 
 

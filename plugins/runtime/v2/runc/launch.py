@@ -110,10 +110,10 @@ class FlagError(ShimError):
     pass
 
 
-def parse_flags(argv: list) -> Flags:
-    """Go's flag.Parse: `-name value`, `-name=value`, `--name`, bools without a value; parsing stops
-    at the first non-flag argument or after `--`; the first positional argument is the action."""
-    flags = Flags()
+def parse_go_flags(argv: list, target, bools: dict, strings: dict) -> list:
+    """Go's flag.Parse: `-name value`, `-name=value`, `--name`, bools without a value, into the
+    attributes of `target` that `bools` / `strings` name for each flag; parsing stops at the
+    first non-flag argument or after `--`. Returns the arguments left."""
     i = 0
     n = len(argv)
     while i < n:
@@ -130,27 +130,31 @@ def parse_flags(argv: list) -> Flags:
         if "=" in name:
             name, value = name.split("=", 1)
         i += 1
-        if name in _BOOL_FLAGS:
-            if value is None:
-                setattr(flags, _BOOL_FLAGS[name], True)
-            elif value.lower() in ("1", "t", "true"):
-                setattr(flags, _BOOL_FLAGS[name], True)
+        if name in bools:
+            if value is None or value.lower() in ("1", "t", "true"):
+                setattr(target, bools[name], True)
             elif value.lower() in ("0", "f", "false"):
-                setattr(flags, _BOOL_FLAGS[name], False)
+                setattr(target, bools[name], False)
             else:
                 raise FlagError(f'invalid boolean value "{value}" for -{name}: parse error')
-        elif name in _STRING_FLAGS:
+        elif name in strings:
             if value is None:
                 if i >= n:
                     raise FlagError(f"flag needs an argument: -{name}")
                 value = argv[i]
                 i += 1
-            setattr(flags, _STRING_FLAGS[name], value)
+            setattr(target, strings[name], value)
         elif name in ("h", "help"):
             raise FlagError("flag: help requested")
         else:
             raise FlagError(f"flag provided but not defined: -{name}")
-    rest = argv[i:]
+    return argv[i:]
+
+
+def parse_flags(argv: list) -> Flags:
+    """The shim's flags; the first argument after them is the action."""
+    flags = Flags()
+    rest = parse_go_flags(argv, flags, _BOOL_FLAGS, _STRING_FLAGS)
     flags.action = rest[0] if rest else ""
     flags.args = rest[1:]
     return flags
