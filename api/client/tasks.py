@@ -9,7 +9,8 @@ Two layers:
 - `Process` couples one process (a task's init process or an exec) with its client-side IO
   (cio.py), the way containerd's Go client does: `new_task(...)`/`exec(...)` create it with
   its FIFOs, `wait()` starts a Wait call (do it before `start()`, as ctr does, to never miss a
-  fast exit), `delete()` removes the process, lets the shim drain the output and closes the IO.
+  fast exit), `delete()` removes the process, lets the shim drain the output and closes the IO,
+  `detach()` leaves it running (a CloseIO for the end of stdin already under way is finished).
 
 Signal names parse like ctr's (`parse_signal("SIGTERM")`, "TERM", "15"). Owns nothing on the
 daemon side.
