@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from daemons import Daemon
+from sharedtools import CONFORMANCE
 from pycontainerd.api.client import Client, errdefs
 
 pytestmark = [pytest.mark.root, pytest.mark.compat]
 
 CTR = shutil.which("ctr")
 PYCTR = str(Path(sys.executable).parent / "pyctr")
-CONFORMANCE = Path("/work/shared/conformance/ctr-conformance.py")
 
 # As with containerd, content that nothing references (no image, lease or gc.root label) is
 # collected by the garbage collector; these tests look at the store itself, so it stays off.

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from daemons import PYCONTAINERD, Daemon, EventWatcher, short_tmpdir
+from sharedtools import CONFORMANCE
 
 CTR = "ctr"
-CONFORMANCE = Path(__file__).resolve().parents[2].parent / "shared" / "conformance" / "ctr-conformance.py"
 
 
 def ctr(d: Daemon, *args: str, ns: str = "default", check: bool = True) -> subprocess.CompletedProcess:

@@ -6,9 +6,7 @@ read as containerd's."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -18,18 +16,13 @@ from pathlib import Path
 import pytest
 
 from daemons import Daemon
+from sharedtools import CTR, MAKE_IMAGE, ctr, make_busybox_tar, sha256
 from pycontainerd.api.client import Client
 from pycontainerd.api.client.images import Descriptor
 
 pytestmark = [pytest.mark.root, pytest.mark.compat]
 
-CTR = shutil.which("ctr")
-MAKE_BUSYBOX = Path("/work/shared/conformance/make-busybox-image.py")
 OCTET = "application/octet-stream"
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture
@@ -46,19 +39,9 @@ def daemon():
 
 @pytest.fixture(scope="module")
 def busybox_tar(tmp_path_factory) -> Path:
-    if not MAKE_BUSYBOX.exists():
+    if not MAKE_IMAGE.exists():
         pytest.skip("no busybox image maker")
-    out = tmp_path_factory.mktemp("bb") / "busybox.tar"
-    subprocess.run([sys.executable, str(MAKE_BUSYBOX), str(out)], check=True, capture_output=True)
-    return out
-
-
-def ctr(d: Daemon, *args: str, ns: str = "default", input: bytes | None = None, ok: bool = True
-        ) -> subprocess.CompletedProcess:
-    p = subprocess.run([CTR, "-a", d.address, "-n", ns, *args], input=input, capture_output=True, timeout=120)
-    if ok:
-        assert p.returncode == 0, (args, p.stderr.decode(), d.log())
-    return p
+    return make_busybox_tar(tmp_path_factory.mktemp("bb") / "busybox.tar")
 
 
 def out(p: subprocess.CompletedProcess) -> str:

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,20 +16,15 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from daemons import Daemon
+from sharedtools import CTR, MAKE_IMAGE, ctr, make_busybox_tar, sha256
 from pycontainerd.api.gen.containerd.services.images import v1 as images_api
 from pycontainerd.api.client import Client, errdefs
 from pycontainerd.api.client.images import Descriptor
 
 pytestmark = [pytest.mark.root, pytest.mark.compat]
 
-CTR = shutil.which("ctr")
 PYCTR = str(Path(sys.executable).parent / "pyctr")
-MAKE_BUSYBOX = Path("/work/shared/conformance/make-busybox-image.py")
 OCTET = "application/octet-stream"
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -49,19 +41,9 @@ def daemon():
 
 @pytest.fixture(scope="module")
 def busybox_tar(tmp_path_factory) -> Path:
-    if not MAKE_BUSYBOX.exists():
+    if not MAKE_IMAGE.exists():
         pytest.skip("no busybox image maker")
-    out = tmp_path_factory.mktemp("bb") / "busybox.tar"
-    subprocess.run([sys.executable, str(MAKE_BUSYBOX), str(out)], check=True, capture_output=True)
-    return out
-
-
-def ctr(d: Daemon, *args: str, ns: str = "default", input: bytes | None = None, ok: bool = True
-        ) -> subprocess.CompletedProcess:
-    p = subprocess.run([CTR, "-a", d.address, "-n", ns, *args], input=input, capture_output=True, timeout=120)
-    if ok:
-        assert p.returncode == 0, (args, p.stderr.decode(), d.log())
-    return p
+    return make_busybox_tar(tmp_path_factory.mktemp("bb") / "busybox.tar")
 
 
 def pyctr(d: Daemon, *args: str, ns: str = "default", ok: bool = True) -> subprocess.CompletedProcess:

@@ -26,13 +26,12 @@ from pathlib import Path
 import pytest
 
 from daemons import Daemon, short_tmpdir
+from sharedtools import MAKE_IMAGE
 from pycontainerd.api.client import Client
 from pycontainerd.api.client.transfer import Services
 
 pytestmark = [pytest.mark.root]
 
-REPO = Path(__file__).resolve().parents[2]
-MAKE_IMAGE = REPO.parent / "shared" / "conformance" / "make-busybox-image.py"
 VENV_BIN = Path(sys.executable).parent
 PYCTR = str(VENV_BIN / "pyctr")
 CTR = shutil.which("ctr")

@@ -27,13 +27,13 @@ from typing import Optional
 import pytest
 
 from daemons import Daemon, kill_processes_under, unmount_under
+from sharedtools import MAKE_IMAGE
 from pycontainerd.plugins.runtime.v2.runc import launch
 
 CTR = shutil.which("ctr")
 RUNC = shutil.which("runc")
 VENV_BIN = Path(sys.executable).parent
 PYCTR = str(VENV_BIN / "pyctr")
-MAKE_IMAGE = Path(__file__).resolve().parents[2].parent / "shared" / "conformance" / "make-busybox-image.py"
 CONFORMANCE = MAKE_IMAGE.with_name("ctr-conformance.py")
 RUNC_ROOTS = (Path("/run/containerd/runc"), Path(launch.RUNC_ROOT))
 """Where the Go shim and our shims keep runc state."""

@@ -29,10 +29,10 @@ from test_tasks_support import (  # noqa: E402
 )
 
 from daemons import Daemon, short_tmpdir  # noqa: E402
+from sharedtools import CONFORMANCE
 
 RUNTIME_V1 = "io.containerd.runtime.v1.linux"
 GO_SHIM = shutil.which("containerd-shim")
-CONFORMANCE = Path(__file__).resolve().parents[2].parent / "shared" / "conformance" / "ctr-conformance.py"
 SHIM_STARTED = re.compile(r'msg="shim started".*address=(unix://\S+)')
 
 pytestmark = requirements

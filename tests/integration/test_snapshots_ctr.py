@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from daemons import Daemon, EventWatcher, short_tmpdir, unmount_under
+from sharedtools import CONFORMANCE
 
 pytestmark = [pytest.mark.root, pytest.mark.compat]
 
@@ -350,19 +351,15 @@ def test_overlayfs_skips_itself_where_overlay_cannot_mount():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-CONFORMANCE = Path(__file__).resolve().parents[3] / "shared" / "conformance" / "ctr-conformance.py"
-
-
 def test_conformance_snapshots():
     """The shared ctr conformance scenario for snapshots (stock ctr imports and unpacks an image
     into overlayfs and native, then prepares, mounts, commits and removes on top of it)."""
-    script = CONFORMANCE if CONFORMANCE.exists() else Path("/work/shared/conformance/ctr-conformance.py")
-    if CTR is None or not script.exists():
+    if CTR is None or not CONFORMANCE.exists():
         pytest.skip("ctr or the conformance script is missing")
     d = Daemon("pycontainerd", config=CONFIG)
     try:
         d.start()
-        p = subprocess.run([sys.executable, str(script), "--address", d.address, "-k", "snapshots"],
+        p = subprocess.run([sys.executable, str(CONFORMANCE), "--address", d.address, "-k", "snapshots"],
                            capture_output=True, text=True, timeout=300)
         out = p.stdout + p.stderr
         blocked = ("must match ^[A-Za-z0-9]" in out  # lease ids ctr generates, refused by the leases store

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_tasks_support import CTR, RUNTIME, TaskEnv, requirements, task_env  # noqa: E402
 
 from daemons import Daemon  # noqa: E402
+from sharedtools import CONFORMANCE
 
 pytestmark = requirements
 
-CONFORMANCE = Path(__file__).resolve().parents[2].parent / "shared" / "conformance" / "ctr-conformance.py"
 
 
 @pytest.fixture

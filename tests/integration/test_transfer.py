@@ -26,14 +26,13 @@ from pathlib import Path
 import pytest
 
 from daemons import Daemon
+from sharedtools import MAKE_IMAGE
 from pycontainerd.api.client import Client
 from pycontainerd.api.client.transfer import Services
 from pycontainerd.api.client.transfer.unpack import chain_ids
 
 pytestmark = [pytest.mark.root]
 
-REPO = Path(__file__).resolve().parents[2]
-MAKE_IMAGE = REPO.parent / "shared" / "conformance" / "make-busybox-image.py"
 VENV_BIN = Path(sys.executable).parent
 PYCTR = str(VENV_BIN / "pyctr")
 CTR = shutil.which("ctr")
