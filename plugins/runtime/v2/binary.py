@@ -202,9 +202,7 @@ class ShimBinary:
         """Run the `start` action; return the address the shim serves ttrpc on. Records the
         binary in the bundle's `shim-binary-path` so a restarted daemon finds it again."""
         stdin_data = bytes(options) if options is not None else None
-        address = None
-        if pyrunc_launch.runs_this_code(self.runtime):
-            address = await self._start_in_process(stdin_data or b"", timeout)
+        address = await self._start_in_process(stdin_data or b"", timeout)
         if address is None:
             address = await self._start_binary(stdin_data, timeout)
         await asyncio.to_thread(_write_file, self.bundle.path / SHIM_BINARY_PATH_FILE, self.runtime.encode(), 0o600)
@@ -215,13 +213,16 @@ class ShimBinary:
         have loaded, so run it here (in a worker thread; it blocks on a few syscalls and the
         zygote) rather than in a fresh interpreter: the same socket, address file and server
         process from the zygote, minus ~30 ms of interpreter start per container. None when
-        it takes no zygote (disabled, or it failed to start): the binary does the rest."""
+        the binary is not ours (`runs_this_code`, which reads it: in the thread too) or it takes
+        no zygote (disabled, or it failed to start): the binary does the rest."""
         flags = pyrunc_launch.Flags()
         flags.namespace, flags.id, flags.address = self.bundle.namespace, self.bundle.id, self.address
         flags.publish_binary, flags.debug, flags.action = self.publish_binary, self.debug, "start"
         env = self.environ()
 
-        def start() -> str:
+        def start() -> str | None:
+            if not pyrunc_launch.runs_this_code(self.runtime):
+                return None
             return pyrunc_launch.start(flags, bundle=str(self.bundle.path), env=env, options=options,
                                        executable=self.runtime, direct=False)
         try:
