@@ -18,6 +18,8 @@ import tomllib
 from pathlib import Path
 from typing import Callable
 
+from pycontainerd.plugins.runtime.v2.runc import launch
+
 VENV_BIN = Path(sys.executable).parent
 PYCONTAINERD = str(VENV_BIN / "pycontainerd")
 CONTAINERD = shutil.which("containerd") or "/usr/bin/containerd"
@@ -215,8 +217,8 @@ def kill_processes_under(path: Path) -> None:
             continue
 
 
-# runc roots of our shims and of containerd's Go shims (runc keeps its state there, per namespace)
-RUNC_ROOTS = (Path("/run/pycontainerd/runc"), Path("/run/containerd/runc"))
+# runc roots of containerd's Go shims and of ours (runc keeps its state there, per namespace)
+RUNC_ROOTS = (Path("/run/containerd/runc"), Path(launch.RUNC_ROOT))
 
 
 def delete_containers_under(path: Path) -> None:

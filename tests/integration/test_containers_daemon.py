@@ -14,7 +14,8 @@ import pytest
 from betterproto.lib.google.protobuf import Any as AnyMessage
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_run_support import CONFORMANCE, GO_SHIM, IMAGE, make_images, requirements, run_env  # noqa: E402
+from sharedtools import CONFORMANCE  # noqa: E402
+from test_run_support import GO_SHIM, IMAGE, module_env, requirements  # noqa: E402
 
 from pycontainerd.api.client import Client, errdefs  # noqa: E402
 from pycontainerd.api.client.containers import Container, RuntimeInfo, spec_any  # noqa: E402
@@ -23,11 +24,7 @@ from pycontainerd.api.gen.containerd import events as ev  # noqa: E402
 pytestmark = requirements
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    images = make_images(tmp_path_factory.mktemp("images"))
-    with run_env("pycontainerd", images) as e:
-        yield e
+env = module_env("pycontainerd")
 
 
 def record(cid: str, **kw) -> Container:

@@ -12,16 +12,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_run_support import GO_SHIM, IMAGE, USER_IMAGE, make_images, requirements, run_env, strip_ids  # noqa: E402
+from test_run_support import GO_SHIM, IMAGE, USER_IMAGE, module_env, requirements, strip_ids  # noqa: E402
 
 pytestmark = requirements
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    images = make_images(tmp_path_factory.mktemp("images"))
-    with run_env("containerd", images) as e:
-        yield e
+env = module_env("containerd")
 
 
 def diff(a, b, path="") -> list[str]:

@@ -26,17 +26,12 @@ from typing import Optional
 
 import pytest
 
-from daemons import Daemon, kill_processes_under, unmount_under
-from sharedtools import MAKE_IMAGE
-from pycontainerd.plugins.runtime.v2.runc import launch
+from daemons import RUNC_ROOTS, Daemon, kill_processes_under, unmount_under
+from sharedtools import CTR, MAKE_IMAGE
 
-CTR = shutil.which("ctr")
 RUNC = shutil.which("runc")
 VENV_BIN = Path(sys.executable).parent
 PYCTR = str(VENV_BIN / "pyctr")
-CONFORMANCE = MAKE_IMAGE.with_name("ctr-conformance.py")
-RUNC_ROOTS = (Path("/run/containerd/runc"), Path(launch.RUNC_ROOT))
-"""Where the Go shim and our shims keep runc state."""
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 GO_SHIM = "io.containerd.runc.v2"
 PY_SHIM = "io.containerd.pyrunc.v2"
@@ -224,6 +219,15 @@ def run_env(kind: str, images: dict[str, Path]):
         yield env
     finally:
         env.cleanup()
+
+
+def module_env(kind: str):
+    """A module-scoped `env` fixture: a RunEnv on daemon `kind` with the test images imported."""
+    @pytest.fixture(scope="module")
+    def env(tmp_path_factory):
+        with run_env(kind, make_images(tmp_path_factory.mktemp("images"))) as e:
+            yield e
+    return env
 
 
 def spec_of(info: dict) -> dict:
