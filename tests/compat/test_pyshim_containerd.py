@@ -44,8 +44,10 @@ pytestmark = [
 
 
 def _env(tmp: Path) -> dict[str, str]:
+    """Grouped pyrunc servers (the default) exit with their last container instead of lingering
+    (PYRUNC_SHIM_LINGER=0), so that a leak check finds every shim gone."""
     return {"PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
-            "PYRUNC_ZYGOTE_DIR": str(tmp / "zygote"), "PYRUNC_ZYGOTE_IDLE": "300"}
+            "PYRUNC_ZYGOTE_DIR": str(tmp / "zygote"), "PYRUNC_ZYGOTE_IDLE": "300", "PYRUNC_SHIM_LINGER": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -243,8 +245,10 @@ def test_socket_address_as_the_go_shim_computes_it(containerd_ctr):
             ctr("run", "-d", "--runtime", runtime, "bb:latest", cid, "sleep", "300")
         for runtime, cid in ids.items():
             bundle = ctr.daemon.state / "io.containerd.runtime.v2.task" / "default" / cid
-            # containerd's hashing for both; the Go shim's dir is containerd's, ours is ours
-            name = os.path.basename(launch.socket_path(launch.socket_address(ctr.daemon.address, "default", cid)))
+            # containerd's hashing for both, of the task id for the Go shim and of the first slot's
+            # group for ours (grouped servers); the Go shim's dir is containerd's, ours is ours
+            group = cid if runtime == GORUNC else launch.shared_group(0)
+            name = os.path.basename(launch.socket_path(launch.socket_address(ctr.daemon.address, "default", group)))
             assert (bundle / "address").read_text() == f"unix://{STATE_DIRS[runtime][0]}/{name}"
     finally:
         for cid in ids.values():

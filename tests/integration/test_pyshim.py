@@ -300,7 +300,10 @@ async def shim_world(*, zygote: bool = True, events: bool = True, in_process: bo
         os.symlink("busybox", image / "bin" / applet)
     for d in ("proc", "dev", "sys", "tmp", "etc"):
         (image / d).mkdir()
-    env = dict(os.environ, PYRUNC_ZYGOTE_DIR=str(root / "zygote"), PYRUNC_ZYGOTE_IDLE="120")
+    # a server per container: these tests drive one server's protocol; the grouping tests set
+    # PYRUNC_SHIM_GROUP=namespace (the default) themselves
+    env = dict(os.environ, PYRUNC_ZYGOTE_DIR=str(root / "zygote"), PYRUNC_ZYGOTE_IDLE="120",
+               PYRUNC_SHIM_GROUP="container")
     env["TTRPC_ADDRESS"] = str(root / "d.sock.ttrpc")
     if not zygote:
         env["PYRUNC_ZYGOTE"] = "0"
@@ -779,7 +782,7 @@ async def test_namespace_wide_server_outlives_its_first_bundle():
         first = await start_shim(world, args=["sh", "-c", "exit 1"])
         second = await start_shim(world, args=["sleep", "300"])
         assert first.address == second.address == launch.socket_address(world.address, world.namespace,
-                                                                         launch.SHARED_GROUP)
+                                                                         launch.shared_group(0))
         server_pid = first.pid
         await first.task.create(first.create_request())
         await second.task.create(second.create_request())
@@ -818,6 +821,52 @@ async def test_namespace_wide_server_outlives_its_first_bundle():
         assert _alive(server_pid)
         await _wait_for(lambda: not _alive(server_pid), 10, "the server to exit once it lingered")
         assert not os.path.exists(launch.socket_path(second.address))
+    assert_clean(world)
+
+
+@pytest.mark.root
+@needs_runc
+async def test_grouped_servers_take_a_bounded_number_of_containers():
+    """PYRUNC_SHIM_GROUP_SIZE=2: a third container gets the server of the next slot; a place
+    promised by Connect counts (no over-commit), and a place freed is taken again."""
+    async with shim_world() as world:
+        world.env.update(PYRUNC_SHIM_GROUP="namespace", PYRUNC_SHIM_GROUP_SIZE="2", PYRUNC_SHIM_LINGER="0")
+
+        def slot(n: int) -> str:
+            return launch.socket_address(world.address, world.namespace, launch.shared_group(n))
+
+        async def server_pid(shim: Shim) -> int:
+            return (await shim.task.connect(ConnectRequest(id=shim.task_id))).shim_pid
+
+        a, b, c = [await start_shim(world, args=["sleep", "300"]) for _ in range(3)]
+        assert (a.address, b.address, c.address) == (slot(0), slot(0), slot(1))
+        first, second = await server_pid(a), await server_pid(c)
+        assert first == await server_pid(b) and first != second
+        for shim in (a, b, c):
+            await shim.task.create(shim.create_request())
+            await shim.task.start(StartRequest(id=shim.task_id))
+        # b goes: its place in the first server is free again
+        await b.task.kill(KillRequest(id=b.task_id, signal=signal.SIGKILL))
+        await b.task.wait(WaitRequest(id=b.task_id))
+        await b.task.delete(DeleteRequest(id=b.task_id))
+        await b.task.shutdown(ShutdownRequest(id=b.task_id))  # a is still served: no exit
+        d = await start_shim(world, args=["sh", "-c", "exit 4"])  # promised the free place
+        e = await start_shim(world, args=["sh", "-c", "exit 5"])  # so the second server gets it
+        assert (d.address, e.address) == (slot(0), slot(1))
+        assert (await server_pid(d), await server_pid(e)) == (first, second)
+        for shim, code in ((d, 4), (e, 5)):
+            await shim.task.create(shim.create_request())
+            await shim.task.start(StartRequest(id=shim.task_id))
+            assert (await shim.task.wait(WaitRequest(id=shim.task_id))).exit_status == code
+        for shim in (a, c):
+            await shim.task.kill(KillRequest(id=shim.task_id, signal=signal.SIGKILL))
+            await shim.task.wait(WaitRequest(id=shim.task_id))
+        for shim in (a, c, d, e):
+            await shim.task.delete(DeleteRequest(id=shim.task_id))
+            with contextlib.suppress(errdefs.Unavailable):
+                await shim.task.shutdown(ShutdownRequest(id=shim.task_id))
+        await _wait_for(lambda: not _alive(first) and not _alive(second), 10, "both servers to exit")
+        assert not os.path.exists(launch.socket_path(slot(0))) and not os.path.exists(launch.socket_path(slot(1)))
     assert_clean(world)
 
 

@@ -32,11 +32,16 @@ Environment knobs (read by `start`, inherited from containerd): PYRUNC_ZYGOTE=0 
 zygote; PYRUNC_ZYGOTE_DIR (default /run/pycontainerd/pyrunc) is where its socket lives (one zygote per
 daemon address and code version);
 PYRUNC_ZYGOTE_IDLE is the number of seconds it lingers without requests (default 600);
-PYRUNC_SHIM_GROUP=namespace puts every container of a daemon's namespace in one shim server (as if
-they all carried the same group annotation): one process for all of them instead of one each,
-at the price of a shared fate (a dead server takes all its containers' tasks with it). Such a
-server lingers PYRUNC_SHIM_LINGER seconds (default 10) after its last container, so that the next
-one needs no new process; `start` reserves it with a Connect call before handing it out.
+How containers share servers (PYRUNC_SHIM_GROUP): `namespace`, the default, serves the
+containers of a daemon's namespace from a few servers of up to PYRUNC_SHIM_GROUP_SIZE containers
+each (default 8; 0: no limit) instead of one process each. The servers are numbered slots (the
+GROUP `io.containerd.pyrunc.v2.shared.<N>`); `start` reserves a place in the first slot whose
+server takes it (a Connect call, which a full server refuses with FailedPrecondition) and starts
+a server in the first free slot otherwise. The price is a shared fate: a server that dies takes
+its containers' tasks with it, so the size bounds how many. `container` gives every container a
+server of its own, as containerd's Go shim does. A grouped server lingers PYRUNC_SHIM_LINGER
+seconds (default 10) after its last container, so that the next one needs no new process.
+Containers with a group annotation are grouped by it, with no limit, whatever the setting.
 """
 import _socket as socket  # socket.py imports selectors and builds enums: ~5 ms we do not need
 import errno
@@ -64,6 +69,9 @@ INIT_PID_FILE = "init.pid"
 GROUP_LABELS = ("io.containerd.runc.v2.group", "io.containerd.pyrunc.v2.group", "io.kubernetes.cri.sandbox-id")
 DEFAULT_ZYGOTE_DIR = "/run/pycontainerd/pyrunc"
 SHARED_GROUP = "io.containerd.pyrunc.v2.shared"
+DEFAULT_GROUP_SIZE = 8
+SHARED_ENV = "PYRUNC_SHIM_SHARED"  # set by `start` for the server of a slot: its capacity
+MAX_SLOTS = 4096
 SIGKILL_STATUS = 128 + 9
 
 _RESET_SIGNALS = (13, 25)  # SIGPIPE, SIGXFSZ: Python ignores them, children must not inherit that
@@ -242,6 +250,23 @@ def read_spec_annotations(path: str = "config.json") -> dict:
     return annotations if isinstance(annotations, dict) else {}
 
 
+def shim_grouping(env) -> str:
+    """PYRUNC_SHIM_GROUP: `namespace` (the default) or `container`."""
+    return "container" if env.get("PYRUNC_SHIM_GROUP") == "container" else "namespace"
+
+
+def shim_group_size(env) -> int:
+    """PYRUNC_SHIM_GROUP_SIZE: containers per grouped server (0: no limit)."""
+    try:
+        return max(0, int(env.get("PYRUNC_SHIM_GROUP_SIZE", DEFAULT_GROUP_SIZE)))
+    except ValueError:
+        return DEFAULT_GROUP_SIZE
+
+
+def shared_group(slot: int) -> str:
+    return f"{SHARED_GROUP}.{slot}"
+
+
 def group_id(task_id: str, annotations: dict) -> str:
     for label in GROUP_LABELS:
         value = annotations.get(label)
@@ -310,7 +335,8 @@ _TTRPC_HEADER = struct.Struct(">IIBB")
 def ttrpc_connect(address: str, task_id: str, timeout: float = 2.0) -> str:
     """containerd.task.v2.Task/Connect on the shim at `address` (a hand-made ttrpc request, to
     keep this module free of the generated API): "ok" when it answered OK, "refused" when nothing
-    listens there, "busy" when something does but did not answer OK."""
+    listens there, "busy" when something does but did not answer OK (a grouped server that is
+    full or on its way out, or one that does not answer)."""
     request = (_pb_bytes(1, b"containerd.task.v2.Task") + _pb_bytes(2, b"Connect")
                + _pb_bytes(3, _pb_bytes(1, task_id.encode())))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -392,27 +418,28 @@ def start(flags: Flags, *, bundle: str = ".", env=None, options: bytes = b"", ex
     if len(flags.address) > 0 and "\0" in flags.address:
         raise ShimError("invalid containerd address")
     group = group_id(flags.id, read_spec_annotations(os.path.join(bundle, "config.json")))
-    if group == flags.id and env.get("PYRUNC_SHIM_GROUP") == "namespace":
-        group = SHARED_GROUP
-    address = socket_address(flags.address, flags.namespace, group)
+    shared = group == flags.id and shim_grouping(env) == "namespace"
+    slot = 0
     deadline = time.monotonic() + 10.0
     while True:
+        address = socket_address(flags.address, flags.namespace, shared_group(slot) if shared else group)
         try:
             sock = new_socket(address)
             break
         except OSError as err:
             if err.errno != errno.EADDRINUSE:
                 raise ShimError(f"create new shim socket: {oserror_text(err)}") from None
-        # a shim of this group already serves it. A namespace-wide server may be lingering after
-        # its last container: it is told someone comes (and answers) rather than just probed,
-        # and one that is on its way out is waited for, never replaced under its feet.
-        state = ttrpc_connect(address, flags.id) if group == SHARED_GROUP else (
-            "ok" if can_connect(address) else "refused")
+        # a shim of this group already serves it. A grouped server may be lingering after its
+        # last container, or full: it is asked for a place (Connect) rather than just probed.
+        # An explicit group waits for a server on its way out; a slot is passed over instead.
+        state = ttrpc_connect(address, flags.id) if shared else ("ok" if can_connect(address) else "refused")
         if state == "ok":
             write_address(os.path.join(bundle, "address"), address)
             return address
         if state == "refused":  # dead: its socket file is stale
             remove_socket(address)
+        elif shared and slot + 1 < MAX_SLOTS:
+            slot += 1
         elif time.monotonic() > deadline:
             raise ShimError(f"the shim at {address} neither serves nor goes away")
         else:
@@ -420,6 +447,8 @@ def start(flags: Flags, *, bundle: str = ".", env=None, options: bytes = b"", ex
     pid = 0
     try:
         write_address(os.path.join(bundle, "address"), address)
+        if shared:  # the server takes at most that many containers, and lingers
+            env = {**env, SHARED_ENV: str(shim_group_size(env))}
         pid = launch_server(flags, sock, bundle, env, executable, warn, direct)
         sock.close()
         shim_cgroup = _shim_cgroup(options)
@@ -737,7 +766,7 @@ def zygote_fork(argv: list, cwd: str, env: dict, listen_fd: int, containerd_addr
     try:
         reply = _zygote_request(path, request, listen_fd, 10.0)
     except (FileNotFoundError, ConnectionRefusedError):
-        start_zygote(path, argv[0], env, containerd_address)
+        start_zygote(path, argv[0], {k: v for k, v in env.items() if k != SHARED_ENV}, containerd_address)
         try:
             reply = _zygote_request(path, request, listen_fd, 10.0)
         except OSError as err:

@@ -230,14 +230,21 @@ ORPHAN_TIMEOUT = 60.0
 DEFAULT_SHARED_LINGER = 10.0
 
 
-def _linger() -> float:
-    """Seconds a namespace-wide server stays after its last container (none for the others)."""
-    if os.environ.get("PYRUNC_SHIM_GROUP") != "namespace":
-        return 0.0
+def _shared() -> tuple[float, int]:
+    """(linger, capacity) of the server of a slot (launch.start sets SHARED_ENV for it): seconds
+    it stays after its last container, containers it takes at most (0: no limit). (0, 0) for
+    the others: they go with their last container, and take whoever their group sends."""
+    capacity = os.environ.get(launch.SHARED_ENV)
+    if capacity is None:
+        return 0.0, 0
     try:
-        return max(0.0, float(os.environ.get("PYRUNC_SHIM_LINGER", DEFAULT_SHARED_LINGER)))
+        linger = max(0.0, float(os.environ.get("PYRUNC_SHIM_LINGER", DEFAULT_SHARED_LINGER)))
     except ValueError:
-        return DEFAULT_SHARED_LINGER
+        linger = DEFAULT_SHARED_LINGER
+    try:
+        return linger, max(0, int(capacity))
+    except ValueError:
+        return linger, launch.DEFAULT_GROUP_SIZE
 
 
 def _exit_if_orphaned(service: TaskService, done: asyncio.Event) -> None:
@@ -267,27 +274,30 @@ def main(flags: launch.Flags, listen_fd: int | None = 3) -> int:
         address = ""
     os.chdir("/")  # the bundle may go (containerd removes it) while we serve others
     try:
-        return asyncio.run(serve(flags, listen_fd, address=address, log_follower=follower))
+        linger, capacity = _shared()
+        return asyncio.run(serve(flags, listen_fd, address=address, log_follower=follower, linger=linger,
+                                 capacity=capacity))
     except Exception:  # noqa: BLE001
         log.exception("shim failed")
         return 1
 
 
 async def serve(flags: launch.Flags, listen_fd: int | None, on_ready=None, address: str = "",
-                log_follower: LogFollower | None = None) -> int:
+                log_follower: LogFollower | None = None, linger: float = 0.0, capacity: int = 0) -> int:
     """Serve until shut down; `address` (this shim's, from the bundle's `address` file) names
-    the socket removed on the way out, unless someone replaced it meanwhile."""
+    the socket removed on the way out, unless someone replaced it meanwhile. A slot's server
+    (see _shared) lingers `linger` seconds after its last container and takes `capacity`."""
     loop = asyncio.get_running_loop()
     reaper = Reaper()
     reaper.install(loop)
     done = asyncio.Event()
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
     publisher.start()
-    linger = _linger()
 
     def shutdown_requested() -> None:
         """Shutdown with no container left: exit, or first linger for a next container."""
         if linger <= 0:
+            service.closing = True  # in the same loop step as the decision: no Connect slips in
             done.set()
             return
 
@@ -295,15 +305,17 @@ async def serve(flags: launch.Flags, listen_fd: int | None, on_ready=None, addre
             if service.containers or done.is_set():
                 return  # serving again: the next Shutdown starts over
             idle = time.monotonic() - service.last_call
-            if idle >= linger:
+            if idle >= linger and service.idle:
                 service.closing = True  # in the same loop step as the decision: no Connect slips in
                 done.set()
-            else:
-                loop.call_later(linger - idle, check)
+            else:  # called meanwhile, or a place promised to a container still to come
+                loop.call_later(max(linger - idle, min(linger, 1.0)), check)
 
         loop.call_later(linger, check)
 
-    service = TaskService(flags.namespace, publisher, reaper, shutdown_requested)
+    service = TaskService(flags.namespace, publisher, reaper, shutdown_requested, capacity)
+    if capacity and flags.id:
+        service.reserve(flags.id)  # the container this server was started for
     if log_follower is not None:
         service.containers_changed = lambda: log_follower.update([c.bundle for c in service.containers.values()])
     identity = _identity(launch.socket_path(address)) if address.startswith("unix://") else None

@@ -107,9 +107,12 @@ class Container:
         return p
 
 
+RESERVATION_TTL = 30.0  # seconds a place promised by Connect waits for its Create
+
+
 class TaskService(TaskBase):
     def __init__(self, namespace: str, publisher: Publisher, reaper: Reaper,
-                 shutdown: Callable[[], None]) -> None:
+                 shutdown: Callable[[], None], capacity: int = 0) -> None:
         self.namespace = namespace
         self.publisher = publisher
         self.reaper = reaper
@@ -126,6 +129,8 @@ class TaskService(TaskBase):
         self.called = False  # any Task call yet (see server's orphan check)
         self.last_call = time.monotonic()
         self.closing = False  # set by the server once it decided to exit
+        self.capacity = capacity  # containers this server takes at most (0: no limit)
+        self._reserved: dict[str, float] = {}  # id -> when: places promised by Connect, not yet created
 
     def _changed(self) -> None:
         if self.containers_changed is not None:
@@ -198,8 +203,11 @@ class TaskService(TaskBase):
     async def create(self, request: CreateTaskRequest) -> CreateTaskResponse:
         self.called = True
         self.last_call = time.monotonic()
-        async with self._create_lock:
-            return await self._create(request)
+        try:
+            async with self._create_lock:
+                return await self._create(request)
+        finally:
+            self._reserved.pop(request.id, None)
 
     async def _create(self, r: CreateTaskRequest) -> CreateTaskResponse:
         opts = Options()
@@ -438,12 +446,34 @@ class TaskService(TaskBase):
         self.called = True
         self.last_call = time.monotonic()
         container = self.containers.get(request.id)
+        if container is None and request.id and self.capacity:
+            self.reserve(request.id)
         return ConnectResponse(shim_pid=os.getpid(), task_pid=container.init.pid if container else 0)
+
+    def _reservations(self) -> dict[str, float]:
+        """Places promised by Connect (launch.start asks before handing this server out) to
+        containers not created yet; a promise unused for RESERVATION_TTL lapses."""
+        now = time.monotonic()
+        if self._reserved:
+            self._reserved = {k: t for k, t in self._reserved.items() if now - t < RESERVATION_TTL}
+        return self._reserved
+
+    @property
+    def idle(self) -> bool:
+        """No container, and no place promised to one: the server may go."""
+        return not self.containers and not self._reservations()
+
+    def reserve(self, id: str) -> None:
+        """Promise a place to a container about to be created, or refuse: the server is full."""
+        reserved = self._reservations()
+        if id not in reserved and len(self.containers) + len(reserved) >= self.capacity:
+            raise errdefs.FailedPrecondition(f"shim serves its maximum of {self.capacity} containers")
+        reserved[id] = time.monotonic()
 
     async def shutdown(self, request: ShutdownRequest) -> Empty:
         self.called = True
         self.last_call = time.monotonic()
-        if not self.containers:
+        if self.idle:
             self._shutdown()
         return Empty()
 
