@@ -27,6 +27,7 @@ from betterproto import PLACEHOLDER, Message
 _raw_get = object.__getattribute__
 _raw_set = object.__setattr__
 _oneofs: dict[type, dict[str, str]] = {}
+_empty_messages: dict[type, bool] = {}  # type of a value set -> is it a message with no fields
 
 ORIGINAL_GETATTRIBUTE = Message.__getattribute__
 ORIGINAL_SETATTR = Message.__setattr__
@@ -62,8 +63,16 @@ def _getattribute(self: Message, name: str) -> Any:
     return value
 
 
+def _is_empty_message(cls: type) -> bool:
+    """Whether `cls` is a message class without fields (isinstance on an ABC, per type once)."""
+    empty = _empty_messages.get(cls)
+    if empty is None:
+        empty = _empty_messages[cls] = issubclass(cls, Message) and not cls._betterproto.meta_by_field_name
+    return empty
+
+
 def _setattr(self: Message, attr: str, value: Any) -> None:
-    if isinstance(value, Message) and not type(value)._betterproto.meta_by_field_name:
+    if _is_empty_message(type(value)):
         _raw_set(value, "_serialized_on_wire", True)
     if attr != "_serialized_on_wire":
         _raw_get(self, "__dict__")["_serialized_on_wire"] = True

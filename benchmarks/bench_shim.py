@@ -5,7 +5,8 @@ For every daemon (containerd, pycontainerd) and runtime (runc.v2, pyrunc.v2):
 
   run --rm     `ctr run --rm IMAGE ID /bin/true`, wall time from spawn to exit, `--runs` times
                after `--warmup` unmeasured runs, the runtimes interleaved run by run; median, p90
-  fleet        `--containers` (20) `ctr run -d IMAGE ID sleep 600` one after the other (or with
+  fleet        once no shim of the daemon runs (a grouped pyrunc server lingers 10 s after its
+               last container), `--containers` (20) `ctr run -d IMAGE ID sleep 600` one after the other (or with
                `--parallel N` at once): time to start them all; then, after `--settle` s, PSS and
                RSS (/proc/PID/smaps_rollup) of the daemon, of every shim serving its containers
                and, for pyrunc, of the zygote the shims are forked from. PSS is the honest total
@@ -176,8 +177,24 @@ def run_rm(address: Path, runtime: str) -> float:
     return time.monotonic() - t0
 
 
+def shim_processes(address: Path) -> list[tuple[int, bytes]]:
+    return [(pid, cmd) for pid, cmd in processes(str(address)) if b"containerd-shim" in cmd and b"zygote" not in cmd]
+
+
+def wait_no_shims(address: Path, timeout: float = 30.0) -> None:
+    """Until no shim of this daemon runs: a grouped pyrunc server lingers (PYRUNC_SHIM_LINGER,
+    10 s) after its last container, and must not be counted in the next fleet."""
+    deadline = time.monotonic() + timeout
+    while shim_processes(address) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = shim_processes(address)
+    if left:
+        raise RuntimeError(f"shims still running before the fleet: {[pid for pid, _ in left]}")
+
+
 def fleet(address: Path, daemon_pid: int, runtime: str, count: int, parallel: int, settle: float,
           python_shim: bool) -> dict:
+    wait_no_shims(address)
     ids = [f"fl-{uuid.uuid4().hex[:8]}" for _ in range(count)]
     t0 = time.monotonic()
     pending = list(ids)
@@ -195,8 +212,7 @@ def fleet(address: Path, daemon_pid: int, runtime: str, count: int, parallel: in
             failures.append(f"{cid}: {err.decode(errors='replace').strip()}")
     elapsed = time.monotonic() - t0
     time.sleep(settle)
-    shims = [(pid, cmd) for pid, cmd in processes(str(address))
-             if b"containerd-shim" in cmd and b"zygote" not in cmd]
+    shims = shim_processes(address)
     zygotes = [pid for pid, cmd in processes("zygote") if str(address.parent).encode() in cmd] if python_shim else []
     d_pss, d_rss = memory(daemon_pid)
     shim_mem = [memory(pid) for pid, _ in shims]
