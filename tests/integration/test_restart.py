@@ -2,7 +2,8 @@
 again through their bundles (the shim's `address` file), keep running, answer exec and kill, and
 their later exits are reported. A shim that died while the daemon was down is cleaned up by its
 `delete` action (container killed, rootfs unmounted, bundle, socket and runc state removed) and
-its task reported stopped. Real daemon, Go shim, runc and the stock ctr; nothing may leak.
+its task reported stopped. Real daemon, Go shim, runc and the stock ctr; nothing may leak. The
+same for our Python shim's default, containers sharing a server.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_tasks_support import V2, requirements, shim_socket, task_env, _alive  # noqa: E402
+from test_tasks_support import (  # noqa: E402
+    PY_RUNC_ROOT, PY_SHIM_SOCKETS, V2, TaskEnv, _alive, requirements, shim_socket, task_env,
+)
 
 pytestmark = requirements
 
@@ -25,6 +28,21 @@ pytestmark = requirements
 def env():
     with task_env() as e:
         yield e
+
+
+@pytest.fixture
+def py_env():
+    """A daemon whose tasks run on our Python shim (its sockets and runc state in our dirs)."""
+    env = TaskEnv(runc_root=PY_RUNC_ROOT, shim_sockets=PY_SHIM_SOCKETS)
+    env.daemon.env = {"PYRUNC_ZYGOTE_DIR": str(env.daemon.tmp / "zygote"), "PYRUNC_SHIM_LINGER": "0"}
+    try:
+        env.daemon.start()
+        yield env
+    finally:
+        env.cleanup()
+
+
+PYRUNC = "io.containerd.pyrunc.v2"
 
 
 def _init_pid(env, id: str) -> int:
@@ -167,3 +185,43 @@ def test_load_reports_dead_shims_task_stopped(env):
     env.ctr("tasks", "rm", "-f", "here")
     env.ctr("containers", "rm", "gone", "here")
     env.assert_no_leaks([(env.ns, "gone"), (env.ns, "here")])
+
+
+def test_grouped_pyrunc_tasks_survive_kill9_and_their_server_dying(py_env):
+    """pyrunc's default puts a namespace's containers in one server: after kill -9 of the daemon
+    they are found again through it; when that server dies while the daemon is down, every
+    container it served is cleaned up and gone from the task list."""
+    env = py_env
+    ids = ["p1", "p2", "p3"]
+    for id in ids:
+        env.run(id, "/bin/sleep", "300", detach=True, runtime=PYRUNC)
+    assert len({(env.bundle_root / env.ns / id / "address").read_text() for id in ids}) == 1
+    [server] = env.shim_pids()
+    before = env.tasks()
+    assert sorted(before) == ids and all(status == "RUNNING" for _, status in before.values())
+
+    env.daemon.kill9()
+    env.daemon.start()
+    assert env.tasks() == before
+    for id in ids:
+        assert env.ctr("tasks", "exec", "--exec-id", "again", id, "/bin/echo", f"hi-{id}").stdout == f"hi-{id}\n"
+    ev = env.subscribe()
+    env.ctr("tasks", "kill", "-s", "SIGKILL", "p1")
+    ev.wait_for(lambda e: "/tasks/exit" in e.topics(env.ns, "p1"), what="p1's exit")
+    env.ctr("tasks", "rm", "p1")
+    assert _alive(server), "the server still serves p2 and p3"
+
+    env.daemon.kill9()
+    os.kill(server, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while _alive(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    env.daemon.start()
+    tasks = env.tasks()
+    assert "p2" not in tasks and "p3" not in tasks
+    deadline = time.monotonic() + 5
+    while any(_alive(before[id][0]) for id in ("p2", "p3")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(before[id][0]) for id in ("p2", "p3")), "the delete action killed neither container"
+    env.ctr("containers", "rm", *ids)
+    env.assert_no_leaks([(env.ns, id) for id in ids])

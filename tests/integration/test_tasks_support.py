@@ -201,8 +201,9 @@ class TaskEnv:
         return p
 
     def run(self, id: str, *cmd: str, detach: bool = False, rm: bool = True, env: dict | None = None,
-            check: bool = True, input: str | None = None, ns: str | None = None) -> subprocess.CompletedProcess:
-        args = ["run", "--runtime", RUNTIME]
+            check: bool = True, input: str | None = None, ns: str | None = None,
+            runtime: str = RUNTIME) -> subprocess.CompletedProcess:
+        args = ["run", "--runtime", runtime]
         if detach:
             args.append("-d")
         elif rm:
@@ -237,15 +238,16 @@ class TaskEnv:
 
     # ---------------------------------------------------------------- what is running
     def shim_pids(self, id: str | None = None) -> list[int]:
-        """Live shims started by this daemon (their -address is ours), optionally for task `id`."""
+        """Live shims started by this daemon (their -address is ours), optionally for task `id` (a
+        shared pyrunc server shows the id of the container it was started for)."""
         found = []
         needle = self.address.encode()
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
             argv = _cmdline(int(entry))
-            if not argv or b"containerd-shim" not in argv[0] or needle not in argv:
-                continue
+            if not argv or b"containerd-shim" not in argv[0] or needle not in argv or argv[1:2] == [b"zygote"]:
+                continue  # not a shim of ours (pyrunc's zygote, which cleanup() ends, is none)
             if id is not None and (b"-id" not in argv or id.encode() not in argv):
                 continue
             if _alive(int(entry)):
