@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_tasks_support import (  # noqa: E402
-    PY_RUNC_ROOT, PY_SHIM_SOCKETS, V2, TaskEnv, _alive, requirements, shim_socket, task_env,
+    PY_RUNC_ROOT, PY_SHIM_SOCKETS, V2, TaskEnv, _alive, _cmdline, requirements, shim_socket, task_env,
 )
 
 pytestmark = requirements
@@ -225,3 +225,26 @@ def test_grouped_pyrunc_tasks_survive_kill9_and_their_server_dying(py_env):
     assert not any(_alive(before[id][0]) for id in ("p2", "p3")), "the delete action killed neither container"
     env.ctr("containers", "rm", *ids)
     env.assert_no_leaks([(env.ns, id) for id in ids])
+
+
+def _zygotes(address: str) -> list[int]:
+    return [int(pid) for pid in os.listdir("/proc") if pid.isdigit()
+            and (argv := _cmdline(int(pid)))[1:2] == [b"zygote"] and address.encode() in argv]
+
+
+def test_daemon_stop_ends_the_pyrunc_zygote_not_the_shims(py_env):
+    env = py_env
+    env.run("z", "/bin/sleep", "300", detach=True, runtime=PYRUNC)
+    assert len(_zygotes(env.address)) == 1
+    [server] = env.shim_pids()
+    assert env.daemon.stop(signal.SIGTERM) == 0
+    deadline = time.monotonic() + 10
+    while _zygotes(env.address) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _zygotes(env.address), "the zygote outlived the daemon"
+    assert _alive(server)
+    env.daemon.start()
+    assert env.tasks()["z"][1] == "RUNNING"
+    env.ctr("tasks", "rm", "-f", "z")
+    env.ctr("containers", "rm", "z")
+    env.assert_no_leaks([(env.ns, "z")])

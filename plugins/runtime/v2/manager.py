@@ -41,6 +41,7 @@ from pycontainerd.core.ttrpc import TtrpcClient
 
 from .. import CreateOpts, Exit
 from .binary import RuntimeResolver, ShimBinary, ShimLog, publish_binary, socket_path
+from .runc import launch as pyrunc_launch
 from .bundle import ADDRESS_FILE, LOG_FIFO, SHIM_BINARY_PATH_FILE, Bundle, load_bundle, new_bundle, unmount_all
 from .shim import ShimTask, wrap
 
@@ -358,12 +359,15 @@ class TaskManager:
                 shutil.rmtree(d, ignore_errors=True)
 
     async def close(self) -> None:
-        """Daemon shutdown: disconnect from every shim, leaving shims and tasks running."""
+        """Daemon shutdown: disconnect from every shim, leaving shims and tasks running. The
+        pyrunc zygote that forked our shims goes: a restarted daemon makes a new one."""
         self.closed = True
         shims = list(self._tasks.values())
         await asyncio.gather(*(s.close() for s in shims), return_exceptions=True)
         if self._background:
             await asyncio.wait(list(self._background), timeout=self.timeout(CLEANUP_TIMEOUT) + 1)
+        if await asyncio.to_thread(pyrunc_launch.stop_zygote, self.address, os.environ):
+            log.info("pyrunc zygote told to exit", address=self.address)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

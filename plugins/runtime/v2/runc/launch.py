@@ -736,6 +736,29 @@ def zygote_socket_path(containerd_address: str = "", env=None) -> str:
 _HEADER = struct.Struct(">I")
 
 
+def stop_zygote(containerd_address: str, env=None) -> bool:
+    """Let this daemon's zygote (of this code version) go: remove its socket, which it notices
+    within 5 s and exits. Shim servers it forked are not its children and keep running. True
+    when there was one."""
+    path = zygote_socket_path(containerd_address, env)
+    try:
+        lock = os.open(path + ".lock", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    fcntl = _fcntl()
+    existed = True
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # not while a `start` is starting it
+        for leftover in (path, path + ".lock"):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                existed = existed and leftover != path
+    finally:
+        os.close(lock)
+    return existed
+
+
 def _zygote_request(path: str, request: dict, fd: int, timeout: float) -> dict:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

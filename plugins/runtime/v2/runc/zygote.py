@@ -18,7 +18,8 @@ and /proc/PID/cmdline rewritten to the argv a Go shim would show (`containerd-sh
 
 Only the zygote's own user may use it (SO_PEERCRED). There is one per daemon address (its cmdline
 names it: `containerd-shim-pyrunc-v2 zygote SOCKET ADDRESS`). It exits after PYRUNC_ZYGOTE_IDLE
-seconds (default 600) without a request, or as soon as its socket file is removed or replaced.
+seconds (default 600) without a request, or as soon as its socket file is removed or replaced
+(our daemon removes it when it stops: launch.stop_zygote).
 """
 from __future__ import annotations
 
