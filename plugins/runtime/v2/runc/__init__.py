@@ -7,8 +7,9 @@ shim, and the server serves containerd.task.v2.Task over ttrpc by driving the ru
 Modules, light to heavy:
   launch     flags, the `start` and `delete` actions, the zygote client (standard library only:
              it runs in a fresh interpreter for every container, so its imports are its latency)
-  zygote     the pre-imported template process that forks one shim server per container
-  server     one shim server: subreaper, signals, log fifo, ttrpc, shutdown
+  zygote     the pre-imported template process that forks the shim servers (one per group
+             of containers: see launch)
+  server     one shim server: subreaper, signals, log fifo, ttrpc, lingering, shutdown
   service    the Task service (containers, processes, events, exits)
   process    init and exec processes and their state machines
   runc       the runc command line

@@ -24,8 +24,8 @@ What `start` does, as containerd's runc shim manager does (runtime/v2/runc/manag
     server joins; the server's oom_score_adj is set to containerd's + 1.
 
 The server process comes from the zygote (see zygote.py): a template process that has imported
-everything once and forks a server per container, so a shim costs a fork instead of an
-interpreter start and ~30 MB of imports. When the zygote cannot be used (PYRUNC_ZYGOTE=0, or it
+everything once and forks every server, so a shim costs a fork instead of an interpreter start
+and ~30 MB of imports. When the zygote cannot be used (PYRUNC_ZYGOTE=0, or it
 fails to start) the server is exec'd directly: `<this binary> -namespace NS -id ID -address ADDR`.
 
 Environment knobs (read by `start`, inherited from containerd): PYRUNC_ZYGOTE=0 disables the

@@ -1,7 +1,8 @@
-"""The zygote: one pre-imported template process that forks a shim server per container.
+"""The zygote: one pre-imported template process that forks the shim servers.
 
 A Python shim pays ~0.3 s and ~30 MB to import asyncio, betterproto, the generated API and our
-ttrpc before it can serve; containerd starts one shim per container. The zygote pays that once:
+ttrpc before it can serve; containerd starts one shim per container (ours, a server per group of
+containers: see launch.py). The zygote pays that once:
 it imports and warms up everything a server uses, moves every object it made into the GC's
 permanent generation (`gc.freeze()`, so no collection in a child ever writes to those pages),
 then waits on a unix socket. `start` (launch.zygote_fork) connects, passes the shim's listening
