@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from daemons import Daemon, short_tmpdir  # noqa: E402
 from test_tasks_support import (  # noqa: E402
-    PY_RUNC_ROOT, PY_SHIM_SOCKETS, V2, TaskEnv, _alive, _cmdline, requirements, shim_socket, task_env,
+    PY_RUNC_ROOT, PY_SHIM_SOCKETS, V2, _alive, _cmdline, requirements, shim_socket, task_env,
 )
 
 pytestmark = requirements
@@ -33,13 +34,10 @@ def env():
 @pytest.fixture
 def py_env():
     """A daemon whose tasks run on our Python shim (its sockets and runc state in our dirs)."""
-    env = TaskEnv(runc_root=PY_RUNC_ROOT, shim_sockets=PY_SHIM_SOCKETS)
-    env.daemon.env = {"PYRUNC_ZYGOTE_DIR": str(env.daemon.tmp / "zygote"), "PYRUNC_SHIM_LINGER": "0"}
-    try:
-        env.daemon.start()
-        yield env
-    finally:
-        env.cleanup()
+    tmp = short_tmpdir("pcd-")
+    with task_env({"PYRUNC_ZYGOTE_DIR": str(tmp / "zygote"), "PYRUNC_SHIM_LINGER": "0"},
+                  daemon=Daemon("pycontainerd", tmp=tmp), runc_root=PY_RUNC_ROOT, shim_sockets=PY_SHIM_SOCKETS) as e:
+        yield e
 
 
 PYRUNC = "io.containerd.pyrunc.v2"

@@ -319,8 +319,10 @@ class TaskEnv:
 
 
 @contextlib.contextmanager
-def task_env():
-    env = TaskEnv()
+def task_env(daemon_env: dict | None = None, **kwargs):
+    """A started TaskEnv (`kwargs` for TaskEnv, `daemon_env` for the daemon's environment)."""
+    env = TaskEnv(**kwargs)
+    env.daemon.env = daemon_env
     try:
         env.daemon.start()
         yield env

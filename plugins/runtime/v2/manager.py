@@ -41,8 +41,8 @@ from pycontainerd.core.ttrpc import TtrpcClient
 
 from .. import CreateOpts, Exit
 from .binary import RuntimeResolver, ShimBinary, ShimLog, publish_binary, socket_path
-from .runc import launch as pyrunc_launch
 from .bundle import ADDRESS_FILE, LOG_FIFO, SHIM_BINARY_PATH_FILE, Bundle, load_bundle, new_bundle, unmount_all
+from .runc import launch as pyrunc_launch
 from .shim import ShimTask, wrap
 
 log = structlog.get_logger(__name__)

@@ -250,17 +250,23 @@ def read_spec_annotations(path: str = "config.json") -> dict:
     return annotations if isinstance(annotations, dict) else {}
 
 
-def shim_grouping(env) -> str:
-    """PYRUNC_SHIM_GROUP: `namespace` (the default) or `container`."""
-    return "container" if env.get("PYRUNC_SHIM_GROUP") == "container" else "namespace"
+def env_number(env, name: str, default, kind=float):
+    """A numeric knob from the environment: `kind(env[name])`, or `default` when it is unset or
+    not a number."""
+    try:
+        return kind(env.get(name, default))
+    except ValueError:
+        return default
+
+
+def groups_by_namespace(env) -> bool:
+    """PYRUNC_SHIM_GROUP: `namespace` (the default) shares servers, `container` does not."""
+    return env.get("PYRUNC_SHIM_GROUP") != "container"
 
 
 def shim_group_size(env) -> int:
     """PYRUNC_SHIM_GROUP_SIZE: containers per grouped server (0: no limit)."""
-    try:
-        return max(0, int(env.get("PYRUNC_SHIM_GROUP_SIZE", DEFAULT_GROUP_SIZE)))
-    except ValueError:
-        return DEFAULT_GROUP_SIZE
+    return max(0, env_number(env, "PYRUNC_SHIM_GROUP_SIZE", DEFAULT_GROUP_SIZE, int))
 
 
 def shared_group(slot: int) -> str:
@@ -418,7 +424,7 @@ def start(flags: Flags, *, bundle: str = ".", env=None, options: bytes = b"", ex
     if len(flags.address) > 0 and "\0" in flags.address:
         raise ShimError("invalid containerd address")
     group = group_id(flags.id, read_spec_annotations(os.path.join(bundle, "config.json")))
-    shared = group == flags.id and shim_grouping(env) == "namespace"
+    shared = group == flags.id and groups_by_namespace(env)
     slot = 0
     deadline = time.monotonic() + 10.0
     while True:
@@ -789,7 +795,7 @@ def zygote_fork(argv: list, cwd: str, env: dict, listen_fd: int, containerd_addr
     try:
         reply = _zygote_request(path, request, listen_fd, 10.0)
     except (FileNotFoundError, ConnectionRefusedError):
-        start_zygote(path, argv[0], {k: v for k, v in env.items() if k != SHARED_ENV}, containerd_address)
+        start_zygote(path, argv[0], env, containerd_address)
         try:
             reply = _zygote_request(path, request, listen_fd, 10.0)
         except OSError as err:

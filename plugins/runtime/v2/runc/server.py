@@ -234,17 +234,11 @@ def _shared() -> tuple[float, int]:
     """(linger, capacity) of the server of a slot (launch.start sets SHARED_ENV for it): seconds
     it stays after its last container, containers it takes at most (0: no limit). (0, 0) for
     the others: they go with their last container, and take whoever their group sends."""
-    capacity = os.environ.get(launch.SHARED_ENV)
-    if capacity is None:
+    if launch.SHARED_ENV not in os.environ:
         return 0.0, 0
-    try:
-        linger = max(0.0, float(os.environ.get("PYRUNC_SHIM_LINGER", DEFAULT_SHARED_LINGER)))
-    except ValueError:
-        linger = DEFAULT_SHARED_LINGER
-    try:
-        return linger, max(0, int(capacity))
-    except ValueError:
-        return linger, launch.DEFAULT_GROUP_SIZE
+    linger = launch.env_number(os.environ, "PYRUNC_SHIM_LINGER", DEFAULT_SHARED_LINGER)
+    capacity = launch.env_number(os.environ, launch.SHARED_ENV, launch.DEFAULT_GROUP_SIZE, int)
+    return max(0.0, linger), max(0, capacity)
 
 
 def _exit_if_orphaned(service: TaskService, done: asyncio.Event) -> None:
@@ -338,10 +332,7 @@ async def serve(flags: launch.Flags, listen_fd: int | None, on_ready=None, addre
     log.info("starting signal loop", namespace=flags.namespace, path=os.getcwd(), pid=os.getpid())
     if on_ready is not None:
         on_ready(service)
-    try:
-        orphan_timeout = float(os.environ.get("PYRUNC_ORPHAN_TIMEOUT", ORPHAN_TIMEOUT))
-    except ValueError:
-        orphan_timeout = ORPHAN_TIMEOUT
+    orphan_timeout = launch.env_number(os.environ, "PYRUNC_ORPHAN_TIMEOUT", ORPHAN_TIMEOUT)
     orphan_check = loop.call_later(orphan_timeout, _exit_if_orphaned, service, done)
     await done.wait()
     orphan_check.cancel()

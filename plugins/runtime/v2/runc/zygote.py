@@ -302,10 +302,7 @@ def main(flags: launch.Flags) -> int:
     owner = flags.args[1] if len(flags.args) > 1 and flags.args[1] != "-" else ""
     os.chdir("/")  # started from some bundle: nothing may be relative to it
     set_cmdline([os.path.basename(launch.self_executable()), "zygote", path, *([owner] if owner else [])])
-    try:
-        idle = float(os.environ.get("PYRUNC_ZYGOTE_IDLE", DEFAULT_IDLE))
-    except ValueError:
-        idle = DEFAULT_IDLE
+    idle = launch.env_number(os.environ, "PYRUNC_ZYGOTE_IDLE", DEFAULT_IDLE)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
