@@ -6,9 +6,10 @@ namespace (core/context), errdefs exceptions become gRPC statuses (core/errdefs)
 nobody serves gets a proper UNIMPLEMENTED answer with a content-type (grpc-go clients such as
 the stock ctr cannot read grpclib's bare Trailers-Only reply).
 
-Two things only make it faster: the namespace binding and error mapping wrap each method once
-when the server is made (not per call through a grpclib event listener), and what a connection
-writes during one pass of the event loop goes out as one write (_CoalescingTransport).
+Three things only make it faster: the namespace binding and error mapping wrap each method once
+when the server is made (not per call through a grpclib event listener), what a connection
+writes during one pass of the event loop goes out as one write (_CoalescingTransport), and the
+HTTP/2 under grpclib is our lean server side (core/http2) instead of h2's.
 """
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ import hyperframe.frame
 import structlog
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
-from grpclib.protocol import H2Protocol
+from grpclib.protocol import Connection, EventsProcessor, H2Protocol, _set_nodelay
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes
 from grpclib.server import Server
 
 from . import errdefs
 from .context import bind_request, unbind_request
+from .http2 import ServerConnection
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +44,8 @@ def _short_raw_data_repr(data: bytes | None) -> str:
 
 # h2 builds repr(frame) for a trace line on every frame it receives, even with logging off, and
 # hyperframe's repr hex-encodes a DATA frame's whole payload before keeping 20 characters of it:
-# about a sixth of the loop's time during a bulk content write. Same text, sliced first.
+# about a sixth of the loop's time during a bulk content write. Our server no longer runs on h2,
+# but the daemon's gRPC clients (proxy plugins) do. Same text, sliced first.
 hyperframe.frame._raw_data_repr = _short_raw_data_repr
 
 
@@ -156,12 +161,42 @@ class _CoalescingTransport:
 
 
 class _H2Protocol(H2Protocol):
+    """grpclib's protocol on our ServerConnection (core/http2) instead of h2's H2Connection,
+    writing through a _CoalescingTransport; set up as grpclib sets up its own."""
+
     def connection_made(self, transport: Any) -> None:
-        super().connection_made(_CoalescingTransport(transport))
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _set_nodelay(sock)
+        http2 = ServerConnection()
+        http2.initiate_connection()
+        initial = http2.local_settings.initial_window_size
+        if self.config.http2_connection_window_size > initial:
+            http2.increment_flow_control_window(self.config.http2_connection_window_size - initial)
+        if self.config.http2_stream_window_size != initial:
+            http2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: self.config.http2_stream_window_size})
+        self.connection = Connection(http2, _CoalescingTransport(transport), config=self.config)
+        self.connection.flush()
+        self.connection.initialize()
+        self.processor = EventsProcessor(self.handler, self.connection)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.connection.feed(data)
+        except ProtocolError:
+            log.debug("HTTP/2 protocol error", exc_info=True)
+            self.connection.flush()
+            self.processor.close("Protocol error")
+            return
+        self.connection.flush()
+        process = self.processor.process
+        for event in events:
+            process(event)
+        self.connection.flush()
 
 
 class _Server(Server):
-    """grpclib's Server whose connections write through a _CoalescingTransport."""
+    """grpclib's Server whose connections run on _H2Protocol."""
 
     def _protocol_factory(self) -> H2Protocol:
         made = super()._protocol_factory()
