@@ -1,17 +1,27 @@
 """Side-by-side: the Go shim (io.containerd.runc.v2) and our Python shim (io.containerd.pyrunc.v2),
 each driven by the real containerd and by our daemon.
 
-For every daemon (containerd, pycontainerd) and runtime (runc.v2, pyrunc.v2):
+For every daemon (containerd, pycontainerd) and runtime (runc.v2, pyrunc.v2), with both daemons
+running side by side and every combination measured in turns (a machine that slows down or
+speeds up during the run weighs on all of them alike):
 
   run --rm     `ctr run --rm IMAGE ID /bin/true`, wall time from spawn to exit, `--runs` times
-               after `--warmup` unmeasured runs, the runtimes interleaved run by run; median, p90
-  fleet        once no shim of the daemon runs (a grouped pyrunc server lingers 10 s after its
-               last container), `--containers` (20) `ctr run -d IMAGE ID sleep 600` one after the other (or with
+               after `--warmup` unmeasured runs, all combinations interleaved run by run (the order
+               reversed every other round); median, p90
+  fleet        `--fleets` (3) rounds, the combinations in turns; median time and the fleet of
+               median PSS reported. Before each: the other daemons' shims have exited (a grouped
+               pyrunc server lingers 10 s after its last container) and their pyrunc zygotes are
+               stopped (same binaries share pages, lowering everyone's PSS), one unmeasured
+               `run --rm` warms the daemon, then no shim of its own may still run. Then
+               `--containers` (20) `ctr run -d IMAGE ID sleep 600` one after the other (or with
                `--parallel N` at once): time to start them all; then, after `--settle` s, PSS and
                RSS (/proc/PID/smaps_rollup) of the daemon, of every shim serving its containers
                and, for pyrunc, of the zygote the shims are forked from. PSS is the honest total
                (shared pages divided among the processes mapping them); RSS counts them in each.
                The containers are killed and removed afterwards.
+
+pyrunc-single needs our daemon with another environment: it runs in a session of its own
+afterwards (our daemon alone), against the same baseline.
 
 The issue's targets compare our daemon with containerd: run --rm latency <= 1.0, and for 20
 sleeping containers total PSS (daemon + shims) <= 1.0 and time to start them all <= 1.0. The
@@ -19,7 +29,8 @@ table gives every combination against containerd with its own Go shim as the bas
 
 Fairness: both daemons get the same environment: PATH with the venv's bin/ first (where
 containerd-shim-pyrunc-v2 lives), bytecode cached in a temp dir through PYTHONPYCACHEPREFIX
-(as an installed package has it; this environment sets PYTHONDONTWRITEBYTECODE=1), the zygote's
+(as an installed package has it, filled by one unmeasured start of our daemon and one container
+before anything is measured; this environment sets PYTHONDONTWRITEBYTECODE=1), the zygote's
 socket in the daemon's temp dir; everything at niceness `--nice` with its session's autogroup.
 The run prints the background load it found: this is a shared 2-vCPU machine.
 
@@ -28,6 +39,7 @@ The run prints the background load it found: this is a shared 2-vCPU machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -36,6 +48,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -213,7 +226,7 @@ def fleet(address: Path, daemon_pid: int, runtime: str, count: int, parallel: in
     elapsed = time.monotonic() - t0
     time.sleep(settle)
     shims = shim_processes(address)
-    zygotes = [pid for pid, cmd in processes("zygote") if str(address.parent).encode() in cmd] if python_shim else []
+    zygotes = zygotes_of(address.parent) if python_shim else []
     d_pss, d_rss = memory(daemon_pid)
     shim_mem = [memory(pid) for pid, _ in shims]
     z_mem = [memory(pid) for pid in zygotes]
@@ -238,61 +251,146 @@ def fleet(address: Path, daemon_pid: int, runtime: str, count: int, parallel: in
     return result
 
 
-def bench_daemon(kind: str, args: argparse.Namespace, runtimes: list[str], image: Path, pycache: Path) -> dict:
-    """Variants that need a different daemon environment get a daemon of their own."""
-    out: dict[str, dict] = {}
+def zygotes_of(tmp: Path) -> list[int]:
+    return [pid for pid, cmd in processes("zygote") if str(tmp).encode() in cmd]
+
+
+def stop_zygotes(tmp: Path) -> None:
+    """End the pyrunc zygote of the daemon in `tmp` (the next pyrunc start makes a new one)."""
+    pids = zygotes_of(tmp)
+    for pid in pids:
+        try:
+            os.kill(pid, 15)
+        except OSError:
+            pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.05)
+
+
+@dataclass
+class Member:
+    """One daemon of a session: its temp dir, spec, process and CPU account."""
+    kind: str
+    tmp: Path
+    spec: DaemonSpec
+    daemon: Daemon
+    account: CpuAccount
+    accounted: bool
+
+
+def bench_session(kinds: list[str], args: argparse.Namespace, runtimes: list[str], extra_env: dict,
+                  image: Path, pycache: Path) -> dict:
+    """The daemons of `kinds` at once, every (daemon, runtime) measured in turns.
+
+    `run --rm` goes round all combinations run by run (the order reversed every other round), and
+    the fleets round by round (`--fleets`, medians reported), so a machine that gets slower or
+    faster during the run weighs on every combination alike. A fleet has the machine to itself as
+    far as memory goes: before it, the other daemons' shims must have exited and their pyrunc
+    zygotes are stopped (processes of the same binaries share pages, which would lower PSS on both
+    sides), then one unmeasured `run --rm` of its own warms its daemon and zygote as in steady use.
+    """
+    with contextlib.ExitStack() as stack:
+        members: list[Member] = []
+        for kind in kinds:
+            tmp = stack.enter_context(short_tempdir("bsh-"))
+            stack.callback(time.sleep, 0.2)
+            stack.callback(kill_processes_under, tmp)
+            spec = spec_for(kind, tmp, pycache)
+            if kind == "pycontainerd":
+                spec.env.update(extra_env)
+            account = CpuAccount(f"bench-shim-{uuid.uuid4().hex[:8]}")
+            stack.callback(account.remove)
+            daemon = stack.enter_context(Daemon(spec))
+            members.append(Member(kind, tmp, spec, daemon, account, account.add(daemon.pid)))
+        for m in members:
+            m.daemon.wait_ready(60)
+            ctr(m.spec.address, "images", "import", "--base-name", "bb", str(image))
+            for rt in runtimes:
+                for _ in range(args.warmup):
+                    run_rm(m.spec.address, RUNTIMES[rt])
+        combos = [(m, rt) for m in members for rt in runtimes]
+        times: dict[tuple[str, str], list[float]] = {(m.kind, rt): [] for m, rt in combos}
+        cpu: dict[tuple[str, str], float] = {(m.kind, rt): 0.0 for m, rt in combos}
+        for i in range(args.runs):
+            for m, rt in (combos if i % 2 == 0 else list(reversed(combos))):
+                before = m.account.usage_s() if m.accounted else None
+                times[(m.kind, rt)].append(run_rm(m.spec.address, RUNTIMES[rt]))
+                after = m.account.usage_s() if m.accounted else None
+                if before is not None and after is not None:
+                    cpu[(m.kind, rt)] += after - before
+        out: dict[str, dict[str, dict]] = {m.kind: {} for m in members}
+        for m, rt in combos:
+            t = times[(m.kind, rt)]
+            log(f"  {m.kind} + {rt}: run --rm median {statistics.median(t) * 1000:.0f} ms")
+            out[m.kind][rt] = {"run_rm_median_s": statistics.median(t), "run_rm_p90_s": percentile(t, 0.9),
+                               "run_rm_all_s": t, "run_rm_cpu_s": cpu[(m.kind, rt)] / args.runs if m.accounted else None}
+        rounds: dict[tuple[str, str], list[dict]] = {(m.kind, rt): [] for m, rt in combos}
+        for i in range(args.fleets):
+            for m, rt in (combos if i % 2 == 0 else list(reversed(combos))):
+                for other in members:
+                    if other is not m:
+                        stop_zygotes(other.tmp)
+                        wait_no_shims(other.spec.address)
+                run_rm(m.spec.address, RUNTIMES[rt])
+                before = m.account.usage_s() if m.accounted else None
+                r = fleet(m.spec.address, m.daemon.pid, RUNTIMES[rt], args.containers, args.parallel, args.settle,
+                          rt.startswith("pyrunc"))
+                after = m.account.usage_s() if m.accounted else None
+                r["fleet_cpu_s"] = after - before if before is not None and after is not None else None
+                log(f"  {m.kind} + {rt} (fleet {i + 1}/{args.fleets}): {args.containers} containers in "
+                    f"{r['start_all_s']:.2f} s, PSS daemon {r['daemon_pss_kib'] / 1024:.1f} MiB + shims "
+                    f"{r['shims_pss_kib'] / 1024:.1f} MiB + zygote {r['zygote_pss_kib'] / 1024:.1f} MiB")
+                rounds[(m.kind, rt)].append(r)
+        for m, rt in combos:
+            rs = rounds[(m.kind, rt)]
+            by_pss = sorted(rs, key=lambda r: r["total_pss_kib"])
+            result = dict(by_pss[len(by_pss) // 2])   # memory figures: the fleet of median total PSS
+            result["start_all_s"] = statistics.median(r["start_all_s"] for r in rs)
+            result["start_all_rounds_s"] = [r["start_all_s"] for r in rs]
+            result["total_pss_rounds_kib"] = [r["total_pss_kib"] for r in rs]
+            result["failures"] = [f for r in rs for f in r["failures"]]
+            out[m.kind][rt].update(result)
+        return out
+
+
+def warm_bytecode(image: Path, pycache: Path) -> None:
+    """Fill the bytecode cache as an installed package has it: our daemon started once, one
+    container run with our shim (the zygote imports what the shims need), then all stopped.
+    Without it the first daemon to start compiles every module from source, and those compiles
+    leave it some 10 MiB of heap that an installed package never costs."""
+    with short_tempdir("bsh-warm-") as tmp:
+        try:
+            spec = spec_for("pycontainerd", tmp, pycache)
+            with Daemon(spec) as daemon:
+                daemon.wait_ready(60)
+                ctr(spec.address, "images", "import", "--base-name", "bb", str(image))
+                run_rm(spec.address, RUNTIMES["pyrunc"])
+        finally:
+            kill_processes_under(tmp)
+
+
+def bench_all(kinds: list[str], args: argparse.Namespace, runtimes: list[str], image: Path,
+              pycache: Path, notes: list[str]) -> dict:
+    """One session with every daemon for the runtimes that need no special environment; a variant
+    with one (pyrunc-single) gets a session of its own with our daemon alone."""
+    results: dict[str, dict[str, dict]] = {kind: {} for kind in kinds}
     groups: dict[tuple, list[str]] = {}
     for rt in runtimes:
         groups.setdefault(tuple(sorted(VARIANT_ENV.get(rt, {}).items())), []).append(rt)
     for env, group in groups.items():
-        out.update(bench_one_daemon(kind, args, group, dict(env), image, pycache))
-    return {rt: out[rt] for rt in runtimes if rt in out}
-
-
-def bench_one_daemon(kind: str, args: argparse.Namespace, runtimes: list[str], extra_env: dict, image: Path,
-                     pycache: Path) -> dict:
-    out: dict[str, dict] = {}
-    with short_tempdir("bsh-") as tmp:
-        spec = spec_for(kind, tmp, pycache)
-        spec.env.update(extra_env)
-        account = CpuAccount(f"bench-shim-{uuid.uuid4().hex[:8]}")
+        session = kinds if not env else [k for k in kinds if k == "pycontainerd"]
+        if not session:
+            continue
+        what = f"{' + '.join(session)}: {', '.join(group)}{' with ' + str(dict(env)) if env else ''}"
+        log(f"{what} ...")
         try:
-            with Daemon(spec) as daemon:
-                accounted = account.add(daemon.pid)
-                daemon.wait_ready(60)
-                ctr(spec.address, "images", "import", "--base-name", "bb", str(image))
-                for rt in runtimes:
-                    for _ in range(args.warmup):
-                        run_rm(spec.address, RUNTIMES[rt])
-                times: dict[str, list[float]] = {rt: [] for rt in runtimes}
-                cpu: dict[str, float] = {rt: 0.0 for rt in runtimes}
-                for i in range(args.runs):
-                    for rt in (runtimes if i % 2 == 0 else list(reversed(runtimes))):
-                        before = account.usage_s() if accounted else None
-                        times[rt].append(run_rm(spec.address, RUNTIMES[rt]))
-                        after = account.usage_s() if accounted else None
-                        if before is not None and after is not None:
-                            cpu[rt] += after - before
-                for rt in runtimes:
-                    log(f"  {kind} + {rt}: run --rm median {statistics.median(times[rt]) * 1000:.0f} ms")
-                    out[rt] = {"run_rm_median_s": statistics.median(times[rt]),
-                               "run_rm_p90_s": percentile(times[rt], 0.9), "run_rm_all_s": times[rt],
-                               "run_rm_cpu_s": cpu[rt] / args.runs if accounted else None}
-                for rt in runtimes:
-                    before = account.usage_s() if accounted else None
-                    r = fleet(spec.address, daemon.pid, RUNTIMES[rt], args.containers, args.parallel, args.settle,
-                              rt.startswith("pyrunc"))
-                    after = account.usage_s() if accounted else None
-                    r["fleet_cpu_s"] = after - before if before is not None and after is not None else None
-                    log(f"  {kind} + {rt}: {args.containers} containers in {r['start_all_s']:.2f} s, "
-                        f"PSS daemon {r['daemon_pss_kib'] / 1024:.1f} MiB + shims {r['shims_pss_kib'] / 1024:.1f} MiB"
-                        f" + zygote {r['zygote_pss_kib'] / 1024:.1f} MiB")
-                    out[rt].update(r)
-        finally:
-            kill_processes_under(tmp)
-            time.sleep(0.2)
-            account.remove()
-    return out
+            for kind, per_rt in bench_session(session, args, group, dict(env), image, pycache).items():
+                results[kind].update(per_rt)
+        except Exception as err:  # noqa: BLE001 - report what ran
+            notes.append(f"{what} failed: {err}")
+            log(f"  failed: {err}")
+    return {kind: {rt: per_rt[rt] for rt in runtimes if rt in per_rt} for kind, per_rt in results.items()}
 
 
 def render(report: dict) -> str:
@@ -328,6 +426,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=15, help="measured `run --rm` per daemon and runtime")
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured `run --rm` first (zygote, caches)")
     ap.add_argument("--containers", type=int, default=20)
+    ap.add_argument("--fleets", type=int, default=3, help="fleets per daemon and runtime (medians)")
     ap.add_argument("--parallel", type=int, default=1, help="`ctr run -d` at once while starting the fleet")
     ap.add_argument("--settle", type=float, default=2.0, help="seconds before reading memory")
     ap.add_argument("--daemons", default="containerd,pycontainerd")
@@ -348,13 +447,9 @@ def main() -> int:
         image = work / "bb.tar"
         subprocess.run([sys.executable, str(IMAGE_SCRIPT), str(image)], check=True, capture_output=True)
         pycache = work / "pycache"
-        for kind in [d for d in args.daemons.split(",") if d]:
-            log(f"{kind} ...")
-            try:
-                report["results"][kind] = bench_daemon(kind, args, runtimes, image, pycache)
-            except Exception as err:  # noqa: BLE001 - report what ran
-                report["notes"].append(f"{kind} failed: {err}")
-                log(f"  {kind} failed: {err}")
+        warm_bytecode(image, pycache)
+        report["results"] = bench_all([d for d in args.daemons.split(",") if d], args, runtimes, image, pycache,
+                                      report["notes"])
     if args.json:
         print(json.dumps(report, indent=2))
     else:

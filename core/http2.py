@@ -249,17 +249,30 @@ def _read_int(block: bytes, pos: int, prefix: int) -> tuple[int, int]:
             return value, pos
 
 
+_HUFFMAN_CACHE: dict[bytes, str] = {}
+_HUFFMAN_CACHE_LIMIT = 4096
+
+
 def _read_str(block: bytes, pos: int) -> tuple[str, int]:
     if pos >= len(block):
         raise HPACKError("a truncated string")
     huffman = block[pos] & 0x80
     length, pos = _read_int(block, pos, 7)
-    if pos + length > len(block):
+    end = pos + length
+    if end > len(block):
         raise HPACKError("a truncated string")
-    raw = block[pos:pos + length]
-    if huffman:
-        raw = decode_huffman(raw)
-    return raw.decode("latin-1"), pos + length
+    raw = block[pos:end]
+    if not huffman:
+        return raw.decode("latin-1"), end
+    # Every connection's first call of a method sends its path as a Huffman literal: decoded
+    # once per process, not once per connection.
+    text = _HUFFMAN_CACHE.get(raw)
+    if text is None:
+        text = decode_huffman(raw).decode("latin-1")
+        if len(_HUFFMAN_CACHE) >= _HUFFMAN_CACHE_LIMIT:
+            _HUFFMAN_CACHE.clear()
+        _HUFFMAN_CACHE[raw] = text
+    return text, end
 
 
 # ----------------------------------------------------------------------------------------- streams
