@@ -271,3 +271,51 @@ async def test_concurrent_calls_on_one_connection_are_answered_in_order(daemon):
         assert len(raw) > 160_000
         names = [n.name for n in nsapi.ListNamespacesResponse().parse(raw).namespaces]
         assert {f"big{i}" for i in range(40)} <= set(names)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_tcp_listener_serves_grpc(tls):
+    """`[grpc] tcp_address` (with `tcp_tls_cert`/`tcp_tls_key`: TLS with ALPN h2) serves the same
+    services as the unix socket to grpc's C-core client, large replies included."""
+    import grpc
+
+    from pycontainerd.api.gen.containerd.services.namespaces import v1 as nsapi
+    from pycontainerd.api.gen.containerd.services.version import v1 as verapi
+
+    tmp = short_tmpdir("pcd-")
+    port = _free_port()
+    config = f'version = 2\n[grpc]\n  tcp_address = "127.0.0.1:{port}"\n'
+    if tls:
+        cert, key = tmp / "cert.pem", tmp / "key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+        config += f'  tcp_tls_cert = "{cert}"\n  tcp_tls_key = "{key}"\n'
+    d = Daemon(config=config, tmp=tmp)
+    try:
+        d.start()
+        target = f"127.0.0.1:{port}"
+        channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials(cert.read_bytes())) if tls
+                   else grpc.insecure_channel(target))
+        with channel:
+            def call(path):
+                return channel.unary_unary(path, request_serializer=bytes, response_deserializer=None)
+            version = verapi.VersionResponse().parse(call("/containerd.services.version.v1.Version/Version")(
+                b"", timeout=30))
+            assert version.version
+            md = (("containerd-namespace", "default"),)
+            labels = {f"k{i}": "v" * 1000 for i in range(300)}
+            call("/containerd.services.namespaces.v1.Namespaces/Create")(
+                nsapi.CreateNamespaceRequest(namespace=nsapi.Namespace(name="tcp", labels=labels)),
+                metadata=md, timeout=30)
+            got = nsapi.GetNamespaceResponse().parse(call("/containerd.services.namespaces.v1.Namespaces/Get")(
+                nsapi.GetNamespaceRequest(name="tcp"), metadata=md, timeout=30))
+            assert got.namespace.labels == labels
+    finally:
+        d.cleanup()
