@@ -164,9 +164,13 @@ class CpuAccount:
 
 
 def kill_processes_under(path: Path) -> None:
-    """End what we started there and left behind (a zygote, a lingering shim), by pid: SIGTERM
-    first, so a shim removes its socket from /run/containerd/s, then SIGKILL what remains."""
-    pids = [pid for pid, _cmd in processes(str(path)) if pid != os.getpid()]
+    """End what we started there and left behind (a zygote, a lingering shim)."""
+    end_processes([pid for pid, _cmd in processes(str(path)) if pid != os.getpid()])
+
+
+def end_processes(pids: list[int]) -> None:
+    """SIGTERM first, so a shim removes its socket from /run/containerd/s, then SIGKILL what
+    remains after 3 s."""
     for sig, wait in ((15, 3.0), (9, 0.0)):
         for pid in pids:
             try:
@@ -255,19 +259,6 @@ def zygotes_of(tmp: Path) -> list[int]:
     return [pid for pid, cmd in processes("zygote") if str(tmp).encode() in cmd]
 
 
-def stop_zygotes(tmp: Path) -> None:
-    """End the pyrunc zygote of the daemon in `tmp` (the next pyrunc start makes a new one)."""
-    pids = zygotes_of(tmp)
-    for pid in pids:
-        try:
-            os.kill(pid, 15)
-        except OSError:
-            pass
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-        time.sleep(0.05)
-
-
 @dataclass
 class Member:
     """One daemon of a session: its temp dir, spec, process and CPU account."""
@@ -277,6 +268,13 @@ class Member:
     daemon: Daemon
     account: CpuAccount
     accounted: bool
+
+    def cpu_s(self) -> float | None:
+        return self.account.usage_s() if self.accounted else None
+
+
+def cpu_between(before: float | None, after: float | None) -> float | None:
+    return after - before if before is not None and after is not None else None
 
 
 def bench_session(kinds: list[str], args: argparse.Namespace, runtimes: list[str], extra_env: dict,
@@ -314,11 +312,11 @@ def bench_session(kinds: list[str], args: argparse.Namespace, runtimes: list[str
         cpu: dict[tuple[str, str], float] = {(m.kind, rt): 0.0 for m, rt in combos}
         for i in range(args.runs):
             for m, rt in (combos if i % 2 == 0 else list(reversed(combos))):
-                before = m.account.usage_s() if m.accounted else None
+                before = m.cpu_s()
                 times[(m.kind, rt)].append(run_rm(m.spec.address, RUNTIMES[rt]))
-                after = m.account.usage_s() if m.accounted else None
-                if before is not None and after is not None:
-                    cpu[(m.kind, rt)] += after - before
+                spent = cpu_between(before, m.cpu_s())
+                if spent is not None:
+                    cpu[(m.kind, rt)] += spent
         out: dict[str, dict[str, dict]] = {m.kind: {} for m in members}
         for m, rt in combos:
             t = times[(m.kind, rt)]
@@ -330,14 +328,13 @@ def bench_session(kinds: list[str], args: argparse.Namespace, runtimes: list[str
             for m, rt in (combos if i % 2 == 0 else list(reversed(combos))):
                 for other in members:
                     if other is not m:
-                        stop_zygotes(other.tmp)
+                        end_processes(zygotes_of(other.tmp))   # the next pyrunc start makes a new one
                         wait_no_shims(other.spec.address)
                 run_rm(m.spec.address, RUNTIMES[rt])
-                before = m.account.usage_s() if m.accounted else None
+                before = m.cpu_s()
                 r = fleet(m.spec.address, m.daemon.pid, RUNTIMES[rt], args.containers, args.parallel, args.settle,
                           rt.startswith("pyrunc"))
-                after = m.account.usage_s() if m.accounted else None
-                r["fleet_cpu_s"] = after - before if before is not None and after is not None else None
+                r["fleet_cpu_s"] = cpu_between(before, m.cpu_s())
                 log(f"  {m.kind} + {rt} (fleet {i + 1}/{args.fleets}): {args.containers} containers in "
                     f"{r['start_all_s']:.2f} s, PSS daemon {r['daemon_pss_kib'] / 1024:.1f} MiB + shims "
                     f"{r['shims_pss_kib'] / 1024:.1f} MiB + zygote {r['zygote_pss_kib'] / 1024:.1f} MiB")

@@ -24,9 +24,9 @@ import structlog
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import Connection, EventsProcessor, H2Protocol, _set_nodelay
+from grpclib.server import Server
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
-from grpclib.server import Server
 
 from . import errdefs
 from .context import bind_request, unbind_request

@@ -25,7 +25,7 @@ error queues GOAWAY with its code and raises a `ProtocolError`; a stream error r
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Callable
 
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
@@ -36,6 +36,7 @@ from h2.events import (
 from h2.exceptions import FlowControlError, FrameTooLargeError, ProtocolError, StreamClosedError
 from h2.settings import ChangedSetting, SettingCodes
 from hpack import HPACKError
+from hpack.hpack import decode_integer, encode_integer
 from hpack.huffman_table import decode_huffman
 from hpack.table import HeaderTable
 
@@ -58,7 +59,6 @@ RESET_MEMORY = 256
 # pack together as one 32-bit word.
 _HEAD = struct.Struct(">IBI")
 _U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
 _SETTING = struct.Struct(">HI")
 _GOAWAY = struct.Struct(">II")
 
@@ -83,22 +83,25 @@ class _StreamError(Exception):
 
 # --------------------------------------------------------------------------------------- HPACK out
 
-def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((first | value,))
-    out = bytearray((first | limit,))
-    value -= limit
-    while value >= 128:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+class _Memo(dict):
+    """`make(key)` remembered per key; everything is forgotten once `limit` keys are held."""
+
+    def __init__(self, make: Callable[[Any], Any], limit: int):
+        super().__init__()
+        self._make = make
+        self._limit = limit
+
+    def __missing__(self, key: Any) -> Any:
+        value = self._make(key)
+        if len(self) >= self._limit:
+            self.clear()
+        self[key] = value
+        return value
 
 
 def _hpack_str(text: str) -> bytes:
     raw = text.encode("utf-8")
-    return _hpack_int(len(raw), 7, 0) + raw
+    return bytes(encode_integer(len(raw), 7)) + raw
 
 
 _STATIC_FIELD: dict[tuple[str, str], int] = {}
@@ -114,19 +117,12 @@ def encode_field(name: str, value: str) -> bytes:
     if index is not None:
         return bytes((0x80 | index,))
     index = _STATIC_NAME.get(name)
-    head = _hpack_int(index, 4, 0) if index is not None else b"\x00" + _hpack_str(name)
+    head = bytes(encode_integer(index, 4)) if index is not None else b"\x00" + _hpack_str(name)
     return head + _hpack_str(value)
 
 
-class _FieldCache(dict):
-    limit = 1024
-
-    def __missing__(self, field: tuple[str, str]) -> bytes:
-        encoded = encode_field(*field)
-        if len(self) >= self.limit:
-            self.clear()
-        self[field] = encoded
-        return encoded
+# An encoding depends on the field alone, so one cache serves every connection.
+_FIELDS = _Memo(lambda field: encode_field(*field), 1024)
 
 
 # ---------------------------------------------------------------------------------------- HPACK in
@@ -157,21 +153,22 @@ class HeaderDecoder:
         headers: list[tuple[str, str]] = []
         changed = False
         listed = 0
+        view = memoryview(block)
         pos, end = 0, len(block)
         while pos < end:
             first = block[pos]
             if first & 0x80:
-                index, pos = _read_int(block, pos, 7)
+                index, pos = _read_int(view, pos, 7)
                 headers.append(self._entry(index))
             elif first & 0x40:
-                name, value, pos = self._literal(block, pos, 6)
+                name, value, pos = self._literal(view, pos, 6)
                 self._insert(name, value)
                 headers.append((name, value))
                 changed = True
             elif first & 0x20:
                 if headers:
                     raise HPACKError("a table size update after a header field")
-                size, pos = _read_int(block, pos, 5)
+                size, pos = _read_int(view, pos, 5)
                 if size > self.max_allowed_table_size:
                     raise HPACKError(f"table size {size} above the allowed {self.max_allowed_table_size}")
                 self._table_size = size
@@ -179,7 +176,7 @@ class HeaderDecoder:
                 changed = True
                 continue
             else:
-                name, value, pos = self._literal(block, pos, 4)
+                name, value, pos = self._literal(view, pos, 4)
                 headers.append((name, value))
             name, value = headers[-1]
             listed += len(name) + len(value) + 32
@@ -201,13 +198,13 @@ class HeaderDecoder:
             raise HPACKError(f"no table entry {index}")
         return self._dynamic[dynamic]
 
-    def _literal(self, block: bytes, pos: int, prefix: int) -> tuple[str, str, int]:
-        index, pos = _read_int(block, pos, prefix)
+    def _literal(self, view: memoryview, pos: int, prefix: int) -> tuple[str, str, int]:
+        index, pos = _read_int(view, pos, prefix)
         if index:
             name = self._entry(index)[0]
         else:
-            name, pos = _read_str(block, pos)
-        value, pos = _read_str(block, pos)
+            name, pos = _read_str(view, pos)
+        value, pos = _read_str(view, pos)
         return name, value, pos
 
     def _insert(self, name: str, value: str) -> None:
@@ -231,67 +228,66 @@ _STATIC_ENTRIES = [(name.decode("latin-1"), value.decode("latin-1"))
 _STATIC_COUNT = len(_STATIC_ENTRIES)
 
 
-def _read_int(block: bytes, pos: int, prefix: int) -> tuple[int, int]:
-    limit = (1 << prefix) - 1
-    value = block[pos] & limit
-    pos += 1
-    if value < limit:
-        return value, pos
-    shift = 0
-    while True:
-        if pos >= len(block) or shift > 28:
-            raise HPACKError("a truncated or oversized integer")
-        byte = block[pos]
-        pos += 1
-        value += (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
+def _read_int(view: memoryview, pos: int, prefix: int) -> tuple[int, int]:
+    value, used = decode_integer(view[pos:], prefix)
+    return value, pos + used
 
 
-_HUFFMAN_CACHE: dict[bytes, str] = {}
-_HUFFMAN_CACHE_LIMIT = 4096
+# Every connection's first call of a method sends its path as a Huffman literal: decoded once
+# per process, not once per connection.
+_HUFFMAN = _Memo(lambda raw: decode_huffman(raw).decode("latin-1"), 4096)
 
 
-def _read_str(block: bytes, pos: int) -> tuple[str, int]:
-    if pos >= len(block):
+def _read_str(view: memoryview, pos: int) -> tuple[str, int]:
+    if pos >= len(view):
         raise HPACKError("a truncated string")
-    huffman = block[pos] & 0x80
-    length, pos = _read_int(block, pos, 7)
+    huffman = view[pos] & 0x80
+    length, pos = _read_int(view, pos, 7)
     end = pos + length
-    if end > len(block):
+    if end > len(view):
         raise HPACKError("a truncated string")
-    raw = block[pos:end]
-    if not huffman:
-        return raw.decode("latin-1"), end
-    # Every connection's first call of a method sends its path as a Huffman literal: decoded
-    # once per process, not once per connection.
-    text = _HUFFMAN_CACHE.get(raw)
-    if text is None:
-        text = decode_huffman(raw).decode("latin-1")
-        if len(_HUFFMAN_CACHE) >= _HUFFMAN_CACHE_LIMIT:
-            _HUFFMAN_CACHE.clear()
-        _HUFFMAN_CACHE[raw] = text
-    return text, end
+    raw = view[pos:end].tobytes()
+    return (_HUFFMAN[raw] if huffman else raw.decode("latin-1")), end
 
 
 # ----------------------------------------------------------------------------------------- streams
 
+class _Inbound:
+    """A receive window: what the peer may still send, and the consumed bytes not yet credited
+    back. Credit goes out once it is a quarter of the window or less than a quarter is left."""
+
+    __slots__ = ("left", "size", "unacked")
+
+    def __init__(self, size: int):
+        self.left = self.size = size
+        self.unacked = 0
+
+    def grow(self, increment: int) -> None:
+        self.left += increment
+        self.size += increment
+
+    def credit(self, consumed: int) -> int:
+        """The WINDOW_UPDATE increment to send now for `consumed` more bytes (0: none yet)."""
+        self.unacked += consumed
+        quarter = self.size >> 2
+        if not self.unacked or (self.unacked < quarter and self.left >= quarter):
+            return 0
+        increment, self.unacked = self.unacked, 0
+        self.left += increment
+        return increment
+
+
 class _Stream:
     """A stream the peer opened and that is not closed yet (closed streams leave `streams`)."""
 
-    __slots__ = ("stream_id", "window", "inbound", "inbound_max", "unacked", "recv_ended",
-                 "sent_ended", "announced")
+    __slots__ = ("stream_id", "window", "inbound", "recv_ended", "sent_ended")
 
     def __init__(self, stream_id: int, window: int, inbound: int):
         self.stream_id = stream_id
         self.window = window            # what we may still send
-        self.inbound = inbound          # what the peer may still send
-        self.inbound_max = inbound
-        self.unacked = 0                # consumed by the application, not yet credited
+        self.inbound = _Inbound(inbound)
         self.recv_ended = False
         self.sent_ended = False
-        self.announced = False          # RequestReceived was emitted
 
     open = property(lambda self: True)
     closed = property(lambda self: False)
@@ -327,21 +323,18 @@ class ServerConnection:
         self._preface = False
         self._decoder = HeaderDecoder(self.local_settings.header_table_size,
                                       self.local_settings.max_header_list_size)
-        self._fields = _FieldCache()
         self._table_size_update = False
         self._highest = 0                      # highest stream id the peer opened
         self._block: list[bytes] | None = None  # a header block waiting for CONTINUATION
         self._block_stream = 0
         self._block_size = 0
-        self._reset: dict[int, None] = {}      # recently reset stream ids, oldest first
         self._block_end_stream = False
+        self._reset: dict[int, None] = {}      # recently reset stream ids, oldest first
         self._pending_settings: list[dict[Any, int]] = []
         self._inbound_initial = DEFAULT_WINDOW
         self._peer_initial = DEFAULT_WINDOW
         self._window = DEFAULT_WINDOW          # connection: what we may still send
-        self._inbound = DEFAULT_WINDOW         # connection: what the peer may still send
-        self._inbound_max = DEFAULT_WINDOW
-        self._unacked = 0
+        self._inbound = _Inbound(DEFAULT_WINDOW)  # connection: what the peer may still send
 
     # -------------------------------------------------------------------------- what grpclib calls
 
@@ -357,8 +350,7 @@ class ServerConnection:
             _SETTING.pack(int(code), value) for code, value in changes.items())))
 
     def increment_flow_control_window(self, increment: int) -> None:
-        self._inbound += increment
-        self._inbound_max += increment
+        self._inbound.grow(increment)
         self._out.append(_frame(WINDOW_UPDATE, 0, 0, _U32.pack(increment)))
 
     def data_to_send(self, amount: int | None = None) -> bytes:
@@ -375,8 +367,7 @@ class ServerConnection:
     def send_headers(self, stream_id: int, headers: list[tuple[str, str]],
                      end_stream: bool = False) -> None:
         stream = self._stream(stream_id)
-        fields = self._fields
-        block = b"".join([fields[(name, value)] for name, value in headers])
+        block = b"".join([_FIELDS[field] for field in headers])
         if self._table_size_update:
             self._table_size_update = False
             block = b"\x20" + block
@@ -425,14 +416,10 @@ class ServerConnection:
     def acknowledge_received_data(self, acknowledged_size: int, stream_id: int) -> None:
         self._credit(acknowledged_size)
         stream = self.streams.get(stream_id)
-        if stream is None or stream.recv_ended:
-            return
-        stream.unacked += acknowledged_size
-        quarter = stream.inbound_max >> 2
-        if stream.unacked and (stream.unacked >= quarter or stream.inbound < quarter):
-            self._out.append(_frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(stream.unacked)))
-            stream.inbound += stream.unacked
-            stream.unacked = 0
+        if stream is not None and not stream.recv_ended:
+            increment = stream.inbound.credit(acknowledged_size)
+            if increment:
+                self._out.append(_frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(increment)))
 
     # ----------------------------------------------------------------------------------- receiving
 
@@ -538,8 +525,8 @@ class ServerConnection:
         if not stream_id:
             raise Http2Error(ErrorCodes.PROTOCOL_ERROR, "DATA on stream 0")
         flow = len(payload)
-        self._inbound -= flow
-        if self._inbound < 0:
+        self._inbound.left -= flow
+        if self._inbound.left < 0:
             raise Http2Error(ErrorCodes.FLOW_CONTROL_ERROR, "the peer overran the connection window")
         stream = self.streams.get(stream_id)
         if stream is None:
@@ -550,8 +537,8 @@ class ServerConnection:
         if stream.recv_ended:
             self._credit(flow)
             raise _StreamError(stream_id, ErrorCodes.STREAM_CLOSED)
-        stream.inbound -= flow
-        if stream.inbound < 0:
+        stream.inbound.left -= flow
+        if stream.inbound.left < 0:
             self._credit(flow)
             raise _StreamError(stream_id, ErrorCodes.FLOW_CONTROL_ERROR)
         if flags & FLAG_PADDED:
@@ -612,7 +599,6 @@ class ServerConnection:
         for pending in self._pending_settings:
             inbound = max(inbound, pending.get(SettingCodes.INITIAL_WINDOW_SIZE, inbound))
         stream = _Stream(stream_id, self._peer_initial, inbound)
-        stream.announced = True
         self.streams[stream_id] = stream
         event = RequestReceived(stream_id=stream_id, headers=headers)
         events.append(event)
@@ -748,7 +734,7 @@ class ServerConnection:
         self._out.append(_frame(RST_STREAM, 0, stream_id, _U32.pack(code)))
         self._was_reset(stream_id)
         stream = self.streams.pop(stream_id, None)
-        if stream is not None and stream.announced:
+        if stream is not None:
             events.append(StreamReset(stream_id=stream_id, error_code=code, remote_reset=False))
 
     def _was_reset(self, stream_id: int) -> None:
@@ -760,12 +746,9 @@ class ServerConnection:
 
     def _credit(self, size: int) -> None:
         """Connection-level credit for `size` consumed bytes, sent once it is worth a frame."""
-        self._unacked += size
-        quarter = self._inbound_max >> 2
-        if self._unacked and (self._unacked >= quarter or self._inbound < quarter):
-            self._out.append(_frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._unacked)))
-            self._inbound += self._unacked
-            self._unacked = 0
+        increment = self._inbound.credit(size)
+        if increment:
+            self._out.append(_frame(WINDOW_UPDATE, 0, 0, _U32.pack(increment)))
 
 
 def _unpad(payload: bytes) -> bytes:
